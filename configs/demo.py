@@ -1,0 +1,46 @@
+"""The demo: a small ResNet trained from scratch on synthetic identities, CPU minutes.
+
+python -m jfacerec.train --config configs/demo.py --workdir /tmp/demo
+python -m jfacerec.evaluate --config configs/demo.py --workdir /tmp/demo
+"""
+
+import ml_collections
+
+
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+    c = ml_collections.ConfigDict()
+    c.seed = 0
+    c.batch_size = 128  # global, over all devices and processes
+    c.total_steps = 1500
+    c.log_every_steps = 50
+    c.checkpoint_every_steps = 500
+    c.keep_checkpoints = 2
+    c.image_size = 32
+    c.dtype = "float32"
+    c.num_devices = 0  # 0: every device
+
+    c.model = ml_collections.ConfigDict(dict(
+        name="resnet_tiny", embedding_dim=128, norm="group", norm_groups=8, width_multiplier=1.0,
+        dropout=0.0))
+    c.loss = ml_collections.ConfigDict(dict(name="softmax", label_smoothing=0.1))
+    c.optimizer = ml_collections.ConfigDict(dict(
+        name="sgd", learning_rate=0.1, momentum=0.9, nesterov=True, b1=0.9, b2=0.999,
+        weight_decay=5e-4, warmup_steps=100, schedule="cosine", grad_clip_norm=0.0))
+    c.dataset = ml_collections.ConfigDict(dict(
+        name="synthetic", seed=0, num_identities=256, train_images=24, test_images=6,
+        num_unseen_identities=200, unseen_images=10))
+    c.input = ml_collections.ConfigDict(dict(
+        num_workers=0, num_threads=2, augment=dict(flip=True, min_scale=0.8,
+                                                   max_aspect_change=0.1)))
+    c.eval = ml_collections.ConfigDict(dict(
+        batch_size=256, flip=True, num_pairs=3000, folds=10))
+
+    if arg == "runlocal":  # seconds, for a smoke test
+        c.total_steps = 20
+        c.log_every_steps = 5
+        c.checkpoint_every_steps = 10
+        c.batch_size = 32
+        c.model.width_multiplier = 0.25
+        c.dataset.update(num_identities=16, train_images=8, test_images=2,
+                         num_unseen_identities=20, unseen_images=4)
+    return c

@@ -1,0 +1,81 @@
+"""Restoring a trained model and running it over a source: embeddings and logits in batches."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from tqdm.auto import tqdm
+
+from jfacerec import parallel
+from jfacerec.checkpoint import Checkpointer
+from jfacerec.data import pipeline
+from jfacerec.data.sources import Source
+from jfacerec.matcher import l2_normalize
+from jfacerec.models import FaceModel
+
+
+@dataclasses.dataclass
+class Restored:
+    model: FaceModel
+    variables: dict[str, Any]  # {"params": ..., "batch_stats": ...}
+    step: int
+    mesh: jax.sharding.Mesh
+
+
+def restore(config: ml_collections.ConfigDict, workdir: str, num_classes: int) -> Restored:
+    """The model of `config` with the weights of the newest checkpoint in `workdir`."""
+    from jfacerec.training import abstract_train_state  # training imports this module's peers
+
+    mesh = parallel.make_mesh(config.num_devices)
+    model, _, abstract = abstract_train_state(config, num_classes, mesh)
+    state, _, step = Checkpointer(workdir, keep=config.keep_checkpoints).restore(abstract)
+    variables = {"params": state.params, "batch_stats": state.batch_stats}
+    return Restored(model, variables, step, mesh)
+
+
+def make_embed_fn(model: FaceModel, *, flip: bool) -> Callable:
+    """(variables, images [b, h, w, 3]) -> unit-norm float32 [b, d].
+
+    With `flip`, the embedding is normalise(embed(x) + embed(flip_lr(x))), as in arcface_torch.
+    """
+
+    @jax.jit
+    def embed(variables, images):
+        e = model.apply(variables, images, return_feats=True)
+        if flip:
+            e = e + model.apply(variables, images[:, :, ::-1], return_feats=True)
+        return l2_normalize(e)
+
+    return embed
+
+
+def make_logits_fn(model: FaceModel) -> Callable:
+    """(variables, images) -> float32 logits [b, num_classes]."""
+    return jax.jit(lambda variables, images: model.apply(variables, images))
+
+
+def run_over(fn: Callable, variables: Any, source: Source, *, batch_size: int, image_size: int,
+             mesh: jax.sharding.Mesh, desc: str) -> tuple[np.ndarray, np.ndarray]:
+    """Applies `fn(variables, images)` to every record of `source`, in order.
+
+    Batches are padded to `batch_size` (one compilation) and split over the mesh's devices.
+    Returns (outputs [n, ...], labels int32 [n]).
+    """
+    n_dev = mesh.devices.size
+    batch_size = -(-batch_size // n_dev) * n_dev
+    sharding = parallel.data_sharding(mesh)
+    outputs, labels = [], []
+    with tqdm(total=len(source), desc=desc, unit="img", leave=False) as bar:
+        for batch in pipeline.eval_batches(source, batch_size=batch_size, image_size=image_size):
+            n = len(batch["label"])
+            images = np.pad(batch["image"], ((0, batch_size - n), (0, 0), (0, 0), (0, 0)))
+            out = fn(variables, jax.device_put(jnp.asarray(images), sharding))
+            outputs.append(np.asarray(out)[:n])
+            labels.append(batch["label"])
+            bar.update(n)
+    return np.concatenate(outputs), np.concatenate(labels)

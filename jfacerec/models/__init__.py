@@ -1,0 +1,78 @@
+"""Face models: a backbone, an embedding head and a classifier head, and the `get_model` registry."""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from jfacerec.models.heads import EmbeddingHead, LinearClassifier
+from jfacerec.models.layers import NORMS, Norm
+from jfacerec.models.resnet import ResNet
+
+
+class FaceModel(nn.Module):
+    """Backbone -> embedding -> classifier.
+
+    Called on images [batch, height, width, 3] it returns float32 logits [batch, num_classes], or
+    the embeddings [batch, embedding_dim] with `return_feats=True`.
+    """
+
+    backbone: nn.Module
+    num_classes: int
+    embedding_dim: int = 128
+    dropout: float = 0.0
+    dtype: Any = jnp.float32
+
+    def setup(self):
+        self.embed_head = EmbeddingHead(self.embedding_dim, self.dropout, self.dtype)
+        self.classifier = LinearClassifier(self.num_classes)
+
+    def embed(self, images: jax.Array, *, train: bool = False) -> jax.Array:
+        return self.embed_head(self.backbone(images, train=train), train=train)
+
+    def __call__(self, images: jax.Array, *, train: bool = False,
+                 return_feats: bool = False) -> jax.Array:
+        embeddings = self.embed(images, train=train)
+        if return_feats:
+            return embeddings
+        return self.classifier(embeddings)
+
+
+def _resnet(stage_sizes, widths, block="basic", stem="small"):
+    def build(*, num_classes: int, embedding_dim: int = 128, norm: str = "group",
+              norm_groups: int = 32, width_multiplier: float = 1.0, dropout: float = 0.0,
+              dtype: Any = jnp.float32) -> FaceModel:
+        scaled = [max(1, int(round(w * width_multiplier))) for w in widths]
+        backbone = ResNet(stage_sizes, scaled, block=block, stem=stem, norm=norm,
+                          norm_groups=norm_groups, dtype=dtype)
+        return FaceModel(backbone, num_classes, embedding_dim, dropout, dtype)
+    return build
+
+
+_MODELS: dict[str, Callable[..., FaceModel]] = {
+    # The demo backbone: four stages of one basic block, for 32-64 pixel crops on a CPU.
+    "resnet_tiny": _resnet((1, 1, 1, 1), (16, 32, 64, 128)),
+    "resnet18": _resnet((2, 2, 2, 2), (64, 128, 256, 512), stem="imagenet"),
+    "resnet34": _resnet((3, 4, 6, 3), (64, 128, 256, 512), stem="imagenet"),
+    "resnet50": _resnet((3, 4, 6, 3), (64, 128, 256, 512), block="bottleneck", stem="imagenet"),
+}
+
+
+def get_model(name: str, **kwargs) -> FaceModel:
+    """The model registered under `name`, built with `kwargs` (num_classes, embedding_dim, norm,
+    norm_groups, width_multiplier, dropout, dtype)."""
+    try:
+        build = _MODELS[name]
+    except KeyError:
+        raise ValueError(f"unknown model {name!r}; registered: {sorted(_MODELS)}") from None
+    return build(**kwargs)
+
+
+def registered_models() -> list[str]:
+    return sorted(_MODELS)
+
+
+__all__ = ["FaceModel", "NORMS", "Norm", "get_model", "registered_models"]

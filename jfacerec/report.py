@@ -1,0 +1,74 @@
+"""Plots written beside the JSON results: ROC curves, score histograms, training curves."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only; no display on servers and CI
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+from jfacerec import metrics  # noqa: E402
+
+
+def roc_plot(path: str, curves: dict[str, tuple[np.ndarray, np.ndarray]]) -> None:
+    """ROC curves on a log false-accept axis. curves: label -> (scores, same)."""
+    fig, ax = plt.subplots(figsize=(5.5, 4.5))
+    for label, (scores, same) in curves.items():
+        fpr, tpr, _ = metrics.roc_curve(scores, same)
+        auc = metrics.roc_auc(scores, same)
+        ax.plot(np.maximum(fpr, 1e-4), tpr, label=f"{label} (AUC {auc:.3f})")
+    ax.set_xscale("log")
+    ax.set_xlim(1e-4, 1.0)
+    ax.set_ylim(0.0, 1.01)
+    ax.set_xlabel("false accept rate")
+    ax.set_ylabel("true accept rate")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def score_histogram(path: str, scores: np.ndarray, same: np.ndarray,
+                    threshold: float | None = None) -> None:
+    """Histograms of matched and mismatched pair scores, with the decision threshold."""
+    fig, ax = plt.subplots(figsize=(5.5, 4.0))
+    bins = np.linspace(min(scores.min(), -0.2), 1.0, 60)
+    ax.hist(scores[same], bins=bins, alpha=0.6, density=True, label="same person")
+    ax.hist(scores[~same], bins=bins, alpha=0.6, density=True, label="different people")
+    if threshold is not None:
+        ax.axvline(threshold, color="k", linestyle="--", label=f"threshold {threshold:.3f}")
+    ax.set_xlabel("cosine similarity")
+    ax.set_ylabel("density")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def training_curves(workdir: str) -> str | None:
+    """Loss, accuracy and learning rate from WORKDIR/metrics.jsonl -> WORKDIR/training.png."""
+    path = os.path.join(workdir, "metrics.jsonl")
+    if not os.path.exists(path):
+        return None
+    with open(path) as f:
+        rows = [json.loads(line) for line in f if line.strip()]
+    if not rows:
+        return None
+    steps = [r["step"] for r in rows]
+    keys = [k for k in ("loss", "accuracy", "learning_rate") if k in rows[0]]
+    fig, axes = plt.subplots(1, len(keys), figsize=(4 * len(keys), 3.2))
+    for ax, key in zip(np.atleast_1d(axes), keys):
+        ax.plot(steps, [r[key] for r in rows])
+        ax.set_title(key)
+        ax.set_xlabel("step")
+        ax.grid(True, alpha=0.3)
+    fig.tight_layout()
+    out = os.path.join(workdir, "training.png")
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out
