@@ -113,7 +113,7 @@ def make_train_step(model: FaceModel, tx: optax.GradientTransformation,
         metrics = {
             "loss": loss,
             "accuracy": jnp.mean(jnp.argmax(logits, -1) == batch["label"]),
-            "grad_norm": optax.global_norm(grads),
+            "grad_norm": optax.tree.norm(grads),
             "learning_rate": schedule(state.step),
         }
         new_state = TrainState(step=state.step + 1, params=params, batch_stats=batch_stats,

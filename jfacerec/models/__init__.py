@@ -41,12 +41,13 @@ class FaceModel(nn.Module):
         return self.classifier(embeddings)
 
 
-def _resnet(stage_sizes, widths, block="basic", stem="small"):
+def _resnet(stage_sizes, widths, block="basic", stem="small", stem_strides=1):
     def build(*, num_classes: int, embedding_dim: int = 128, norm: str = "group",
               norm_groups: int = 32, width_multiplier: float = 1.0, dropout: float = 0.0,
               dtype: Any = jnp.float32) -> FaceModel:
         scaled = [max(1, int(round(w * width_multiplier))) for w in widths]
-        backbone = ResNet(stage_sizes, scaled, block=block, stem=stem, norm=norm,
+        backbone = ResNet(stage_sizes, scaled, block=block, stem=stem, stem_strides=stem_strides,
+                          norm=norm,
                           norm_groups=norm_groups, dtype=dtype)
         return FaceModel(backbone, num_classes, embedding_dim, dropout, dtype)
     return build
@@ -55,6 +56,7 @@ def _resnet(stage_sizes, widths, block="basic", stem="small"):
 _MODELS: dict[str, Callable[..., FaceModel]] = {
     # The demo backbone: four stages of one basic block, for 32-64 pixel crops on a CPU.
     "resnet_tiny": _resnet((1, 1, 1, 1), (16, 32, 64, 128)),
+    "resnet_tiny_s2": _resnet((1, 1, 1, 1), (32, 64, 128, 256), stem_strides=2),
     "resnet18": _resnet((2, 2, 2, 2), (64, 128, 256, 512), stem="imagenet"),
     "resnet34": _resnet((3, 4, 6, 3), (64, 128, 256, 512), stem="imagenet"),
     "resnet50": _resnet((3, 4, 6, 3), (64, 128, 256, 512), block="bottleneck", stem="imagenet"),

@@ -67,7 +67,7 @@ class BottleneckBlock(nn.Module):
 class ResNet(nn.Module):
     """A ResNet trunk: stem, then stages of blocks, the first block of each later stage strided.
 
-    stem "small": one 3x3 stride-1 conv (small face crops, CIFAR-style).
+    stem "small": one 3x3 conv of stride `stem_strides` (small face crops, CIFAR-style).
     stem "imagenet": 7x7 stride-2 conv and a 3x3 stride-2 max-pool (224x224 inputs).
 
     Input [batch, height, width, 3]; output [batch, height / 2**k, width / 2**k, channels].
@@ -77,6 +77,7 @@ class ResNet(nn.Module):
     widths: Sequence[int]
     block: str = "basic"
     stem: str = "small"
+    stem_strides: int = 1
     norm: str = "group"
     norm_groups: int = 32
     dtype: Any = jnp.float32
@@ -94,7 +95,8 @@ class ResNet(nn.Module):
                              name="stem_norm")(x, train=train))
             x = nn.max_pool(x, (3, 3), (2, 2), padding="SAME")
         elif self.stem == "small":
-            x = nn.Conv(self.widths[0], (3, 3), padding="SAME", use_bias=False,
+            x = nn.Conv(self.widths[0], (3, 3), (self.stem_strides,) * 2, padding="SAME",
+                        use_bias=False,
                         kernel_init=conv_kernel_init(), dtype=self.dtype, name="stem")(x)
             x = nn.relu(Norm(self.norm, self.norm_groups, dtype=self.dtype,
                              name="stem_norm")(x, train=train))

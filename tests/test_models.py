@@ -1,0 +1,78 @@
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jfacerec.models import NORMS, get_model, registered_models
+
+
+def init(model, size=16):
+    return model.init(jax.random.key(0), jnp.zeros((2, size, size, 3)))
+
+
+@pytest.mark.parametrize("norm", NORMS)
+def test_shapes_for_every_norm(norm):
+    model = get_model("resnet_tiny", num_classes=7, embedding_dim=12, norm=norm,
+                      width_multiplier=0.25)
+    variables = init(model)
+    x = jax.random.normal(jax.random.key(1), (3, 16, 16, 3))
+    logits = model.apply(variables, x)
+    feats = model.apply(variables, x, return_feats=True)
+    chex.assert_shape(logits, (3, 7))
+    chex.assert_shape(feats, (3, 12))
+    chex.assert_type([logits, feats], jnp.float32)
+    chex.assert_tree_all_finite((logits, feats))
+    assert ("batch_stats" in variables) == (norm == "batch")
+
+
+def test_batchnorm_updates_statistics_in_training_and_uses_them_at_eval():
+    model = get_model("resnet_tiny", num_classes=4, norm="batch", width_multiplier=0.25)
+    variables = init(model)
+    x = 3.0 + 2.0 * jax.random.normal(jax.random.key(1), (8, 16, 16, 3))
+    _, updates = model.apply(variables, x, train=True, mutable=["batch_stats"])
+    changed = jax.tree.map(lambda a, b: bool(jnp.any(a != b)), variables["batch_stats"],
+                           updates["batch_stats"])
+    assert all(jax.tree.leaves(changed))
+    # At eval an example's output does not depend on the rest of the batch.
+    alone = model.apply(variables, x[:1])
+    together = model.apply(variables, x)[:1]
+    np.testing.assert_allclose(alone, together, rtol=1e-5, atol=1e-5)
+    # In training it does (batch statistics).
+    train_alone = model.apply(variables, x[:2], train=True, mutable=["batch_stats"])[0][:1]
+    train_together = model.apply(variables, x, train=True, mutable=["batch_stats"])[0][:1]
+    assert not np.allclose(train_alone, train_together, atol=1e-4)
+
+
+def test_dropout_is_random_in_training_and_off_at_eval():
+    model = get_model("resnet_tiny", num_classes=4, width_multiplier=0.25, dropout=0.5)
+    variables = init(model)
+    x = jax.random.normal(jax.random.key(1), (2, 16, 16, 3))
+    a = model.apply(variables, x, train=True, rngs={"dropout": jax.random.key(0)})
+    b = model.apply(variables, x, train=True, rngs={"dropout": jax.random.key(1)})
+    assert not np.allclose(a, b)
+    np.testing.assert_array_equal(model.apply(variables, x), model.apply(variables, x))
+
+
+@pytest.mark.parametrize("name", ["resnet18", "resnet50"])
+def test_imagenet_style_resnets_run_at_tiny_width(name):
+    model = get_model(name, num_classes=3, width_multiplier=1 / 16, embedding_dim=8)
+    variables = init(model, 32)
+    chex.assert_shape(model.apply(variables, jnp.zeros((1, 32, 32, 3))), (1, 3))
+
+
+def test_resnet18_parameter_count_matches_torchvision_trunk():
+    """torchvision's resnet18 has 11,689,512 parameters; without its 1000-way fc (513,000) the
+    trunk has 11,176,512. Ours adds the 512 -> 128 embedding (65,664) and a 10-way classifier."""
+    model = get_model("resnet18", num_classes=10, norm="batch")
+    params = jax.eval_shape(lambda: init(model, 64))["params"]
+    n = sum(np.prod(p.shape) for p in jax.tree.leaves(params))
+    assert n == 11_176_512 + 512 * 128 + 128 + 128 * 10 + 10
+
+
+def test_unknown_names_are_refused():
+    with pytest.raises(ValueError, match="registered"):
+        get_model("nope", num_classes=2)
+    with pytest.raises(ValueError, match="unknown norm"):
+        init(get_model("resnet_tiny", num_classes=2, norm="weird", width_multiplier=0.25))
+    assert "resnet_tiny" in registered_models()

@@ -1,0 +1,114 @@
+import chex
+import grain
+import numpy as np
+import pytest
+
+from jfacerec.data.pipeline import Augment, eval_batches, random_crop_flip, train_dataset
+from jfacerec.data.sources import SyntheticSource
+
+
+@pytest.fixture(scope="module")
+def source():
+    return SyntheticSource(np.arange(6), 5, image_size=20)
+
+
+def take(it, n):
+    return [next(it) for _ in range(n)]
+
+
+def test_batches_have_shapes_dtypes_and_range(source):
+    batch = next(iter(train_dataset(source, batch_size=8, image_size=16, seed=0)))
+    chex.assert_shape(batch["image"], (8, 16, 16, 3))
+    chex.assert_type([batch["image"], batch["label"]], [np.float32, np.int32])
+    assert -1.0 <= batch["image"].min() and batch["image"].max() <= 1.0
+    assert set(batch["label"]) <= set(range(6))
+
+
+def test_same_seed_same_stream_other_seed_other_stream(source):
+    a = take(iter(train_dataset(source, batch_size=8, image_size=16, seed=3)), 5)
+    b = take(iter(train_dataset(source, batch_size=8, image_size=16, seed=3)), 5)
+    c = take(iter(train_dataset(source, batch_size=8, image_size=16, seed=4)), 5)
+    chex.assert_trees_all_equal(a, b)
+    assert any(not np.array_equal(x["label"], y["label"]) for x, y in zip(a, c))
+
+
+def test_every_record_is_seen_once_per_epoch(source):
+    batches = take(iter(train_dataset(source, batch_size=10, image_size=16, seed=0)), 3)
+    labels = np.concatenate([b["label"] for b in batches])
+    np.testing.assert_array_equal(np.bincount(labels), [5] * 6)
+
+
+@pytest.mark.parametrize("workers", [0, 1])
+def test_iterator_resumes_exactly_from_its_state(source, workers):
+    ds = train_dataset(source, batch_size=8, image_size=16, seed=1, num_workers=workers)
+    it = iter(ds)
+    take(it, 7)  # crosses an epoch boundary (30 records)
+    state = it.get_state()
+    expected = take(it, 4)
+    resumed = iter(ds)
+    resumed.set_state(state)
+    chex.assert_trees_all_equal(take(resumed, 4), expected)
+    for i in (it, resumed):
+        i.close() if hasattr(i, "close") else None
+
+
+class IndexSource:
+    """Record i is a constant image of value i labelled i, so batches reveal which records came."""
+
+    def __len__(self):
+        return 20
+
+    def __getitem__(self, i):
+        return {"image": np.full((8, 8, 3), i, np.uint8), "label": np.int32(i)}
+
+
+def test_processes_read_disjoint_halves():
+    halves = [train_dataset(IndexSource(), batch_size=10, image_size=8, seed=0, process_index=p,
+                            process_count=2) for p in (0, 1)]
+    seen = []
+    for half in halves:
+        batches = take(iter(half), 2)  # 2 x 5 = one epoch of a half
+        assert batches[0]["label"].shape == (5,)
+        labels = np.concatenate([b["label"] for b in batches])
+        np.testing.assert_allclose(np.concatenate([b["image"][:, 0, 0, 0] for b in batches]),
+                                   labels * 2.0 / 255.0 - 1.0, atol=1e-6)
+        assert len(set(labels)) == 10
+        seen.append(set(labels))
+    assert not seen[0] & seen[1]
+    assert seen[0] | seen[1] == set(range(20))
+
+
+def test_crop_flip_is_a_resized_crop():
+    image = np.arange(20 * 20 * 3, dtype=np.uint8).reshape(20, 20, 3)
+    out = random_crop_flip(image, np.random.default_rng(0), 16, Augment(flip=False, min_scale=1.0,
+                                                                        max_aspect_change=0.0))
+    chex.assert_shape(out, (16, 16, 3))
+    flipped = random_crop_flip(image, np.random.default_rng(0), 20,
+                               Augment(flip=True, min_scale=1.0, max_aspect_change=0.0))
+    assert np.array_equal(flipped, image) or np.array_equal(flipped, image[:, ::-1])
+
+
+def test_eval_batches_cover_everything_in_order(source):
+    batches = list(eval_batches(source, batch_size=7, image_size=20))
+    labels = np.concatenate([b["label"] for b in batches])
+    np.testing.assert_array_equal(labels, source.labels())
+    assert [len(b["label"]) for b in batches] == [7, 7, 7, 7, 2]
+    np.testing.assert_allclose(batches[0]["image"][0], source[0]["image"] / 127.5 - 1.0,
+                               atol=1e-6)
+
+
+def test_empty_source_is_refused():
+    class Empty:
+        def __len__(self):
+            return 0
+
+        def __getitem__(self, i):
+            raise IndexError(i)
+
+    with pytest.raises(ValueError, match="empty"):
+        train_dataset(Empty(), batch_size=4, image_size=16, seed=0)
+
+
+def test_grain_is_the_engine(source):
+    assert isinstance(train_dataset(source, batch_size=4, image_size=16, seed=0),
+                      grain.IterDataset)

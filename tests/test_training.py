@@ -1,0 +1,142 @@
+"""End-to-end training on tiny synthetic data: the real loop, checkpoints, resume and evaluation."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import chex
+import jax
+import numpy as np
+import pytest
+
+from conftest import REPO, tiny_config
+from jfacerec.checkpoint import Checkpointer
+from jfacerec.evaluate import evaluate
+from jfacerec.training import NonFiniteLossError, abstract_train_state, train
+from jfacerec import parallel
+
+
+def restore_params(config, workdir, num_classes=8, step=None):
+    mesh = parallel.make_mesh(1)
+    _, _, abstract = abstract_train_state(config, num_classes, mesh)
+    state, _, got = Checkpointer(workdir).restore(abstract, step)
+    return state, got
+
+
+def read_metrics(workdir):
+    with open(os.path.join(workdir, "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+def test_training_learns_and_writes_its_outputs(tmp_path):
+    config = tiny_config(total_steps=100, checkpoint_every_steps=25, log_every_steps=10)
+    state = train(config, str(tmp_path))
+    rows = read_metrics(tmp_path)
+    assert [r["step"] for r in rows] == list(range(10, 101, 10))
+    for key in ("step", "loss", "learning_rate", "images_per_second", "accuracy"):
+        assert key in rows[0]
+    assert rows[-1]["loss"] < 0.7 * rows[0]["loss"]
+    assert np.mean([r["accuracy"] for r in rows[-3:]]) > 0.5  # chance is 1/8
+    assert json.load(open(tmp_path / "config.json"))["model"]["name"] == "resnet_tiny"
+    assert any(name.startswith("events") for name in os.listdir(tmp_path / "tb"))
+    assert sorted(os.listdir(tmp_path / "checkpoints")) == ["100", "75"]  # keep_checkpoints=2
+    restored, step = restore_params(config, str(tmp_path))
+    assert step == 100
+    chex.assert_trees_all_equal(jax.device_get(restored.params), jax.device_get(state.params))
+
+    results = evaluate(config, str(tmp_path))
+    saved = json.load(open(tmp_path / "eval" / "metrics.json"))
+    for key in ("classification/top1", "classification/top5", "verification/auc",
+                "verification/eer", "verification/accuracy", "verification/tar@far=1e-2",
+                "verification/tar@far=1e-3", "openset/accuracy", "openset/threshold",
+                "num_parameters"):
+        assert key in saved and saved[key] == pytest.approx(results[key])
+    assert results["classification/top1"] > 0.5
+    assert results["verification/auc"] > 0.6
+    assert results["classification/top5"] >= results["classification/top1"]
+    for plot in ("roc.png", "scores.png"):
+        assert (tmp_path / "eval" / plot).stat().st_size > 1000
+    assert (tmp_path / "training.png").exists()
+
+
+def test_continuing_a_finished_run_is_a_no_op_and_more_steps_extend_it(tmp_path):
+    config = tiny_config(total_steps=10)
+    first = train(config, str(tmp_path))
+    again = train(config, str(tmp_path))
+    chex.assert_trees_all_equal(jax.device_get(first.params), jax.device_get(again.params))
+    train(tiny_config(total_steps=15), str(tmp_path))
+    assert [r["step"] for r in read_metrics(tmp_path)] == [5, 10, 15]
+
+
+def run_cli(workdir, *overrides):
+    args = [sys.executable, "-m", "jfacerec.train", "--config",
+            os.path.join(REPO, "configs", "demo.py:runlocal"), "--workdir", str(workdir),
+            "--config.image_size=16", "--config.num_devices=1", "--config.batch_size=16",
+            "--config.dataset.num_identities=8", "--config.dataset.train_images=12",
+            *overrides]
+    return args
+
+
+def test_sigkill_then_resume_gives_bitwise_identical_parameters(tmp_path):
+    steps = ["--config.total_steps=200", "--config.checkpoint_every_steps=10",
+             "--config.log_every_steps=10", "--config.keep_checkpoints=30"]
+    straight = tmp_path / "straight"
+    subprocess.run(run_cli(straight, *steps), check=True, cwd=REPO, capture_output=True)
+
+    killed = tmp_path / "killed"
+    proc = subprocess.Popen(run_cli(killed, *steps), cwd=REPO, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    first_checkpoint = killed / "checkpoints" / "10"
+    deadline = time.time() + 120
+    while not first_checkpoint.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    interrupted_at = Checkpointer(str(killed)).latest_step()
+    assert interrupted_at is not None and interrupted_at < 200, interrupted_at
+
+    subprocess.run(run_cli(killed, *steps), check=True, cwd=REPO, capture_output=True)
+    config = tiny_config()
+    a, _ = restore_params(config, str(straight), step=200)
+    b, _ = restore_params(config, str(killed), step=200)
+    chex.assert_trees_all_equal(jax.device_get(a), jax.device_get(b))  # bitwise
+    assert read_metrics(straight) == [
+        {**r, "images_per_second": s["images_per_second"]}
+        for r, s in zip(read_metrics(killed), read_metrics(straight))]
+
+
+def test_eight_devices_match_one_device(tmp_path):
+    assert len(jax.devices()) == 8
+    one = train(tiny_config(total_steps=8, num_devices=1), str(tmp_path / "one"))
+    eight = train(tiny_config(total_steps=8, num_devices=8), str(tmp_path / "eight"))
+    chex.assert_trees_all_close(jax.device_get(one.params), jax.device_get(eight.params),
+                                atol=2e-5, rtol=2e-4)
+    assert len(eight.params["classifier"]["dense"]["kernel"].sharding.device_set) == 8
+
+
+def test_nan_loss_stops_with_a_clear_error_and_keeps_the_last_good_checkpoint(tmp_path):
+    config = tiny_config(total_steps=60, checkpoint_every_steps=2, log_every_steps=20)
+    config.optimizer.learning_rate = 1e30
+    config.optimizer.warmup_steps = 1000  # step 1 is taken at learning rate 0, then it explodes
+    with pytest.raises(NonFiniteLossError, match="last good checkpoint is step"):
+        train(config, str(tmp_path))
+    state, step = restore_params(config, str(tmp_path))
+    assert step < 60
+    chex.assert_tree_all_finite(state.params)
+
+
+def test_nan_loss_exits_non_zero_from_the_command_line(tmp_path):
+    result = subprocess.run(
+        run_cli(tmp_path, "--config.optimizer.learning_rate=1e30", "--config.total_steps=40"),
+        cwd=REPO, capture_output=True, text=True)
+    assert result.returncode == 1
+    assert "the loss became" in result.stderr and "learning_rate" in result.stderr
+
+
+def test_mismatched_config_is_refused_on_resume(tmp_path):
+    train(tiny_config(total_steps=5), str(tmp_path))
+    with pytest.raises(ValueError, match="other shapes"):
+        train(tiny_config(total_steps=10, **{"model.embedding_dim": 64}), str(tmp_path))
