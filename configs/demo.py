@@ -11,7 +11,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
     c.seed = 0
     c.batch_size = 128  # global, over all devices and processes
-    c.total_steps = 1500
+    c.total_steps = 1100
     c.log_every_steps = 50
     c.checkpoint_every_steps = 500
     c.keep_checkpoints = 2
@@ -27,7 +27,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         name="sgd", learning_rate=0.1, momentum=0.9, nesterov=True, b1=0.9, b2=0.999,
         weight_decay=5e-4, warmup_steps=100, schedule="cosine", grad_clip_norm=0.0))
     c.dataset = ml_collections.ConfigDict(dict(
-        name="synthetic", seed=0, num_identities=256, train_images=24, test_images=6,
+        name="synthetic", seed=0, num_identities=100, train_images=64, test_images=6,
         num_unseen_identities=200, unseen_images=10))
     c.input = ml_collections.ConfigDict(dict(
         num_workers=0, num_threads=2, augment=dict(flip=True, min_scale=0.8,

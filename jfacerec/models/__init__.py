@@ -54,9 +54,9 @@ def _resnet(stage_sizes, widths, block="basic", stem="small", stem_strides=1):
 
 
 _MODELS: dict[str, Callable[..., FaceModel]] = {
-    # The demo backbone: four stages of one basic block, for 32-64 pixel crops on a CPU.
-    "resnet_tiny": _resnet((1, 1, 1, 1), (16, 32, 64, 128)),
-    "resnet_tiny_s2": _resnet((1, 1, 1, 1), (32, 64, 128, 256), stem_strides=2),
+    # The demo backbone: a stride-2 stem and four stages of one basic block, for 32-64 pixel
+    # crops on a CPU.
+    "resnet_tiny": _resnet((1, 1, 1, 1), (24, 48, 96, 192), stem_strides=2),
     "resnet18": _resnet((2, 2, 2, 2), (64, 128, 256, 512), stem="imagenet"),
     "resnet34": _resnet((3, 4, 6, 3), (64, 128, 256, 512), stem="imagenet"),
     "resnet50": _resnet((3, 4, 6, 3), (64, 128, 256, 512), block="bottleneck", stem="imagenet"),
