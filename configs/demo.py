@@ -22,7 +22,17 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.model = ml_collections.ConfigDict(dict(
         name="resnet_tiny", embedding_dim=128, norm="group", norm_groups=8, width_multiplier=1.0,
         dropout=0.0))
-    c.loss = ml_collections.ConfigDict(dict(name="softmax", label_smoothing=0.1))
+    # loss.name is one loss or a weighted sum ("0.7*softmax + 0.3*triplet"); each loss's options
+    # sit under its own name.
+    c.loss = ml_collections.ConfigDict(dict(
+        name="softmax", label_smoothing=0.1,
+        arcface=dict(scale=32.0, margin=0.5),
+        cosface=dict(scale=32.0, margin=0.35),
+        sphereface=dict(margin=4, lambda_base=1000.0, lambda_gamma=0.12, lambda_power=1.0,
+                        lambda_min=5.0),
+        combined=dict(scale=32.0, m1=1.0, m2=0.3, m3=0.2),
+        triplet=dict(margin=0.2, mining="batch_hard"),
+        center=dict(update="rule", alpha=0.5, learning_rate=0.5)))
     c.optimizer = ml_collections.ConfigDict(dict(
         name="sgd", learning_rate=0.1, momentum=0.9, nesterov=True, b1=0.9, b2=0.999,
         weight_decay=5e-4, warmup_steps=100, schedule="cosine", grad_clip_norm=0.0))
@@ -30,8 +40,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         name="synthetic", seed=0, num_identities=100, train_images=64, test_images=6,
         num_unseen_identities=200, unseen_images=10))
     c.input = ml_collections.ConfigDict(dict(
-        num_workers=0, num_threads=2, augment=dict(flip=True, min_scale=0.8,
-                                                   max_aspect_change=0.1)))
+        num_workers=0, num_threads=2, sampler="random", pk_images=4,
+        augment=dict(flip=True, min_scale=0.8, max_aspect_change=0.1)))
     c.eval = ml_collections.ConfigDict(dict(
         batch_size=256, flip=True, num_pairs=3000, folds=10))
 

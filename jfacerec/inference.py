@@ -15,7 +15,7 @@ from jfacerec import parallel
 from jfacerec.checkpoint import Checkpointer
 from jfacerec.data import pipeline
 from jfacerec.data.sources import Source
-from jfacerec.matcher import l2_normalize
+from jfacerec.losses import l2_normalize
 from jfacerec.models import FaceModel
 
 

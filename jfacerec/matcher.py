@@ -13,10 +13,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-
-def l2_normalize(x: jax.Array, axis: int = -1, eps: float = 1e-12) -> jax.Array:
-    """x / |x| along `axis`, safe at zero."""
-    return x * jax.lax.rsqrt(jnp.maximum(jnp.sum(x * x, axis=axis, keepdims=True), eps * eps))
+from jfacerec.losses import l2_normalize
 
 
 @functools.partial(jax.jit, static_argnames=("k", "chunk"))

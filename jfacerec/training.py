@@ -24,6 +24,7 @@ from jfacerec import losses, parallel
 from jfacerec.checkpoint import Checkpointer
 from jfacerec.data import pipeline, sources
 from jfacerec.models import FaceModel, get_model
+from jfacerec.objectives import Objective
 
 
 class NonFiniteLossError(RuntimeError):
@@ -38,13 +39,17 @@ class TrainState:
     params: Any
     batch_stats: Any  # BatchNorm running statistics; an empty dict for other norms
     opt_state: Any
+    centers: Any  # center-loss class centres [num_classes, dim]; {} when unused
+    center_opt_state: Any  # their optimizer's state when they are trained as parameters
 
 
 def build_model(config: ml_collections.ConfigDict, num_classes: int) -> FaceModel:
     m = config.model
+    head, head_scale = Objective.from_config(config).head
     return get_model(m.name, num_classes=num_classes, embedding_dim=m.embedding_dim, norm=m.norm,
                      norm_groups=m.norm_groups, width_multiplier=m.width_multiplier,
-                     dropout=m.dropout, dtype=jnp.dtype(config.dtype))
+                     dropout=m.dropout, dtype=jnp.dtype(config.dtype), head=head,
+                     head_scale=head_scale)
 
 
 def learning_rate_schedule(config: ml_collections.ConfigDict) -> optax.Schedule:
@@ -78,12 +83,20 @@ def make_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransform
     return tx
 
 
+def center_optimizer(objective: Objective) -> optax.GradientTransformation:
+    return optax.sgd(objective.center_learning_rate)
+
+
 def init_state(model: FaceModel, tx: optax.GradientTransformation, image_size: int,
-               rng: jax.Array) -> TrainState:
+               rng: jax.Array, objective: Objective) -> TrainState:
     variables = model.init(rng, jnp.zeros((1, image_size, image_size, 3), jnp.float32))
     params = variables["params"]
+    centers = (jnp.zeros((model.num_classes, model.embedding_dim), jnp.float32)
+               if objective.uses_centers else {})
     return TrainState(step=jnp.zeros((), jnp.int32), params=params,
-                      batch_stats=variables.get("batch_stats", {}), opt_state=tx.init(params))
+                      batch_stats=variables.get("batch_stats", {}), opt_state=tx.init(params),
+                      centers=centers,
+                      center_opt_state=center_optimizer(objective).init(centers))
 
 
 def make_train_step(model: FaceModel, tx: optax.GradientTransformation,
@@ -92,32 +105,49 @@ def make_train_step(model: FaceModel, tx: optax.GradientTransformation,
 
     batch: `image` float32 [batch, size, size, 3], `label` int32 [batch].
     """
-    loss_fn = losses.get_loss(config.loss.name)
+    objective = Objective.from_config(config)
+    train_centers = objective.uses_centers and objective.center_update == "param"
+    center_tx = center_optimizer(objective)
     schedule = learning_rate_schedule(config)
     base_rng = jax.random.key(config.seed)
 
     def step(state: TrainState, batch: dict[str, jax.Array]):
         rng = jax.random.fold_in(base_rng, state.step)
+        labels = batch["label"]
 
-        def objective(params):
+        def loss_fn(params, centers):
             variables = {"params": params, "batch_stats": state.batch_stats}
-            logits, updates = model.apply(variables, batch["image"], train=True,
-                                          mutable=["batch_stats"], rngs={"dropout": rng})
-            loss = loss_fn(logits, batch["label"], label_smoothing=config.loss.label_smoothing)
-            return loss, (logits, updates.get("batch_stats", {}))
+            embeddings, updates = model.apply(variables, batch["image"], train=True,
+                                              return_feats=True, mutable=["batch_stats"],
+                                              rngs={"dropout": rng})
+            logits = model.apply({"params": params}, embeddings, method=FaceModel.classify)
+            total, parts = objective(
+                embeddings=embeddings, logits=logits, labels=labels, step=state.step,
+                class_weights=params["classifier"]["kernel"],
+                centers=centers if train_centers else jax.lax.stop_gradient(centers))
+            return total, (logits, embeddings, updates.get("batch_stats", {}), parts)
 
-        (loss, (logits, batch_stats)), grads = jax.value_and_grad(objective, has_aux=True)(
-            state.params)
+        (loss, (logits, embeddings, batch_stats, parts)), (grads, center_grads) = \
+            jax.value_and_grad(loss_fn, argnums=(0, 1), has_aux=True)(state.params, state.centers)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
+        centers, center_opt_state = state.centers, state.center_opt_state
+        if train_centers:
+            center_updates, center_opt_state = center_tx.update(center_grads, center_opt_state)
+            centers = optax.apply_updates(centers, center_updates)
+        elif objective.uses_centers:
+            centers = losses.center_update(centers, embeddings, labels, objective.center_alpha)
         metrics = {
             "loss": loss,
-            "accuracy": jnp.mean(jnp.argmax(logits, -1) == batch["label"]),
+            "accuracy": jnp.mean(jnp.argmax(logits, -1) == labels),
             "grad_norm": optax.tree.norm(grads),
             "learning_rate": schedule(state.step),
         }
+        if len(parts) > 1:
+            metrics.update({f"loss_{name}": value for name, value in parts.items()})
         new_state = TrainState(step=state.step + 1, params=params, batch_stats=batch_stats,
-                               opt_state=opt_state)
+                               opt_state=opt_state, centers=centers,
+                               center_opt_state=center_opt_state)
         return new_state, metrics
 
     return step
@@ -128,8 +158,9 @@ def abstract_train_state(config: ml_collections.ConfigDict, num_classes: int,
     """(model, optimizer, abstract state with shardings): shapes only, nothing computed."""
     model = build_model(config, num_classes)
     tx = make_optimizer(config)
+    objective = Objective.from_config(config)
     shapes = jax.eval_shape(lambda: init_state(model, tx, config.image_size,
-                                               jax.random.key(config.seed)))
+                                               jax.random.key(config.seed), objective))
     replicated = parallel.replicated(mesh)
     abstract = jax.tree.map(
         lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=replicated), shapes)
@@ -206,7 +237,8 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
         dataset.train, batch_size=config.batch_size, image_size=config.image_size,
         seed=config.seed, augment=pipeline.Augment(**config.input.augment),
         num_workers=config.input.num_workers, num_threads=config.input.num_threads,
-        process_index=jax.process_index(), process_count=jax.process_count())
+        process_index=jax.process_index(), process_count=jax.process_count(),
+        sampler=config.input.get("sampler", "random"), pk_images=config.input.get("pk_images", 4))
     data_iter = iter(train_ds)
 
     # -- Model, optimizer, shardings and the jitted step ------------------------------------------
@@ -224,7 +256,8 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
         data_iter.set_state(data_state)
         logging.info("resumed from step %d in %s", start, checkpointer.directory)
     else:
-        init = jax.jit(lambda rng: init_state(model, tx, config.image_size, rng),
+        objective = Objective.from_config(config)
+        init = jax.jit(lambda rng: init_state(model, tx, config.image_size, rng, objective),
                        out_shardings=state_sharding)
         state, start = init(jax.random.key(config.seed)), 0
     num_params = sum(x.size for x in jax.tree.leaves(state.params))

@@ -3,6 +3,9 @@
 Records are dicts with `image` (uint8 [h, w, 3]) and `label` (int32). Training batches hold
 `image` float32 [batch, size, size, 3] normalised to [-1, 1] and `label` int32 [batch]. Every random
 choice flows from the seed, and the iterator's state (saved in checkpoints) resumes it exactly.
+
+Samplers: "random" (shuffled epochs), "pk" (each batch P identities x K images, for triplet
+mining) and "triplets" (each batch [anchors; positives; negatives], a third each).
 """
 
 from __future__ import annotations
@@ -75,24 +78,84 @@ class _EvalTransform(grain.transforms.Map):
                 "label": np.int32(record["label"])}
 
 
+class _SampledBatch(grain.transforms.RandomMap):
+    """Batch index -> one whole batch drawn by the "pk" or "triplets" sampler."""
+
+    def __init__(self, source: Source, sampler: str, rows: int, pk_images: int, size: int,
+                 augment: Augment):
+        from jfacerec.data.sources import labels_of
+
+        labels = labels_of(source)
+        self.groups = [g for g in (np.flatnonzero(labels == c) for c in np.unique(labels))
+                       if len(g) > 1]
+        if len(self.groups) < 2:
+            raise ValueError(f"sampler {sampler!r} needs two identities with two images or more in "
+                             f"{source!r}")
+        self.source, self.sampler, self.rows, self.k = source, sampler, rows, pk_images
+        self.size, self.augment = size, augment
+
+    def _indices(self, rng: np.random.Generator) -> np.ndarray:
+        g = self.groups
+        if self.sampler == "pk":
+            p = self.rows // self.k
+            chosen = rng.choice(len(g), p, replace=p > len(g))
+            return np.concatenate([rng.choice(g[c], self.k, replace=len(g[c]) < self.k)
+                                   for c in chosen])
+        n = self.rows // 3
+        anchors, positives, negatives = [], [], []
+        for _ in range(n):
+            a_id, n_id = rng.choice(len(g), 2, replace=False)
+            a, pos = rng.choice(g[a_id], 2, replace=False)
+            anchors.append(a)
+            positives.append(pos)
+            negatives.append(rng.choice(g[n_id]))
+        return np.array(anchors + positives + negatives)
+
+    def random_map(self, batch_index, rng: np.random.Generator):
+        records = [self.source[int(i)] for i in self._indices(rng)]
+        images = [normalize(random_crop_flip(r["image"], rng, self.size, self.augment))
+                  for r in records]
+        return {"image": np.stack(images),
+                "label": np.array([r["label"] for r in records], np.int32)}
+
+
+SAMPLERS = ("random", "pk", "triplets")
+
+
 def train_dataset(source: Source, *, batch_size: int, image_size: int, seed: int,
                   augment: Augment = Augment(), num_workers: int = 0, num_threads: int = 2,
-                  process_index: int = 0, process_count: int = 1) -> grain.IterDataset:
-    """The infinite, shuffled, augmented training stream of this process's share of the batch.
+                  process_index: int = 0, process_count: int = 1, sampler: str = "random",
+                  pk_images: int = 4) -> grain.IterDataset:
+    """The infinite, augmented training stream of this process's share of the batch.
 
     `batch_size` is global; each of `process_count` processes reads a disjoint slice of the source
-    and yields batch_size / process_count records per step.
+    (random sampler) or draws its own batches (pk, triplets) and yields batch_size / process_count
+    records per step. "pk" draws identities with at least two images, `pk_images` images each.
     """
     if batch_size % process_count:
         raise ValueError(f"batch_size {batch_size} is not divisible by {process_count} processes")
     if len(source) == 0:
         raise ValueError(f"the training source {source!r} is empty")
-    ds = grain.MapDataset.source(source)
-    if process_count > 1:
-        ds = ds[process_index::process_count]
-    ds = ds.seed(seed).shuffle().repeat().random_map(_TrainTransform(image_size, augment))
+    rows = batch_size // process_count
     read = grain.ReadOptions(num_threads=num_threads, prefetch_buffer_size=4 * batch_size)
-    ds = ds.to_iter_dataset(read).batch(batch_size // process_count, drop_remainder=True)
+    if sampler == "random":
+        ds = grain.MapDataset.source(source)
+        if process_count > 1:
+            ds = ds[process_index::process_count]
+        ds = ds.seed(seed).shuffle().repeat().random_map(_TrainTransform(image_size, augment))
+        ds = ds.to_iter_dataset(read).batch(rows, drop_remainder=True)
+    elif sampler in ("pk", "triplets"):
+        if sampler == "pk" and rows % pk_images:
+            raise ValueError(f"the pk sampler needs batch_size / processes ({rows}) divisible by "
+                             f"pk_images ({pk_images})")
+        if sampler == "triplets" and rows % 3:
+            raise ValueError(f"the triplets sampler needs batch_size / processes ({rows}) "
+                             f"divisible by 3")
+        ds = grain.MapDataset.range(0, 1 << 40)[process_index::process_count].seed(seed)
+        ds = ds.random_map(_SampledBatch(source, sampler, rows, pk_images, image_size, augment))
+        ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=num_threads, prefetch_buffer_size=4))
+    else:
+        raise ValueError(f"unknown sampler {sampler!r}; choose one of {SAMPLERS}")
     if num_workers > 0:
         ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=num_workers))
     return ds

@@ -8,16 +8,18 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from jfacerec.models.heads import EmbeddingHead, LinearClassifier
+from jfacerec.models.heads import CosineClassifier, EmbeddingHead, LinearClassifier
 from jfacerec.models.layers import NORMS, Norm
 from jfacerec.models.resnet import ResNet
 
 
 class FaceModel(nn.Module):
-    """Backbone -> embedding -> classifier.
+    """Backbone -> embedding -> classifier head.
 
     Called on images [batch, height, width, 3] it returns float32 logits [batch, num_classes], or
-    the embeddings [batch, embedding_dim] with `return_feats=True`.
+    the embeddings [batch, embedding_dim] with `return_feats=True`. The head is "linear" (softmax
+    training) or "cosine" (scale * cos, the margin losses' class weights as an extra layer); its
+    kernel [embedding_dim, num_classes] is `params["classifier"]["kernel"]`.
     """
 
     backbone: nn.Module
@@ -25,31 +27,43 @@ class FaceModel(nn.Module):
     embedding_dim: int = 128
     dropout: float = 0.0
     dtype: Any = jnp.float32
+    head: str = "linear"
+    head_scale: float = 64.0
 
     def setup(self):
         self.embed_head = EmbeddingHead(self.embedding_dim, self.dropout, self.dtype)
-        self.classifier = LinearClassifier(self.num_classes)
+        if self.head == "linear":
+            self.classifier = LinearClassifier(self.num_classes)
+        elif self.head == "cosine":
+            self.classifier = CosineClassifier(self.num_classes, self.head_scale)
+        else:
+            raise ValueError(f"unknown head {self.head!r}; choose 'linear' or 'cosine'")
 
     def embed(self, images: jax.Array, *, train: bool = False) -> jax.Array:
         return self.embed_head(self.backbone(images, train=train), train=train)
+
+    def classify(self, embeddings: jax.Array) -> jax.Array:
+        """Embeddings [batch, embedding_dim] -> logits [batch, num_classes]."""
+        return self.classifier(embeddings)
 
     def __call__(self, images: jax.Array, *, train: bool = False,
                  return_feats: bool = False) -> jax.Array:
         embeddings = self.embed(images, train=train)
         if return_feats:
             return embeddings
-        return self.classifier(embeddings)
+        return self.classify(embeddings)
 
 
 def _resnet(stage_sizes, widths, block="basic", stem="small", stem_strides=1):
     def build(*, num_classes: int, embedding_dim: int = 128, norm: str = "group",
               norm_groups: int = 32, width_multiplier: float = 1.0, dropout: float = 0.0,
-              dtype: Any = jnp.float32) -> FaceModel:
+              dtype: Any = jnp.float32, head: str = "linear",
+              head_scale: float = 64.0) -> FaceModel:
         scaled = [max(1, int(round(w * width_multiplier))) for w in widths]
         backbone = ResNet(stage_sizes, scaled, block=block, stem=stem, stem_strides=stem_strides,
                           norm=norm,
                           norm_groups=norm_groups, dtype=dtype)
-        return FaceModel(backbone, num_classes, embedding_dim, dropout, dtype)
+        return FaceModel(backbone, num_classes, embedding_dim, dropout, dtype, head, head_scale)
     return build
 
 
@@ -65,7 +79,7 @@ _MODELS: dict[str, Callable[..., FaceModel]] = {
 
 def get_model(name: str, **kwargs) -> FaceModel:
     """The model registered under `name`, built with `kwargs` (num_classes, embedding_dim, norm,
-    norm_groups, width_multiplier, dropout, dtype)."""
+    norm_groups, width_multiplier, dropout, dtype, head, head_scale)."""
     try:
         build = _MODELS[name]
     except KeyError:

@@ -8,6 +8,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from jfacerec.losses import cosine_logits
+
 
 class EmbeddingHead(nn.Module):
     """Global average pool, dropout, then a linear projection to the embedding.
@@ -34,4 +36,24 @@ class LinearClassifier(nn.Module):
 
     @nn.compact
     def __call__(self, embeddings: jax.Array) -> jax.Array:
-        return nn.Dense(self.num_classes, name="dense")(embeddings)
+        kernel = self.param("kernel", nn.initializers.lecun_normal(),
+                            (embeddings.shape[-1], self.num_classes), jnp.float32)
+        bias = self.param("bias", nn.initializers.zeros, (self.num_classes,), jnp.float32)
+        return embeddings.astype(jnp.float32) @ kernel + bias
+
+
+class CosineClassifier(nn.Module):
+    """Logits = scale * cos(theta): normalised embeddings against normalised class weights.
+
+    The kernel [embedding_dim, num_classes] holds the class weights that margin losses (ArcFace,
+    CosFace, SphereFace) train; at evaluation these logits carry no margin.
+    """
+
+    num_classes: int
+    scale: float = 64.0
+
+    @nn.compact
+    def __call__(self, embeddings: jax.Array) -> jax.Array:
+        kernel = self.param("kernel", nn.initializers.normal(0.01),
+                            (embeddings.shape[-1], self.num_classes), jnp.float32)
+        return self.scale * cosine_logits(embeddings, kernel)
