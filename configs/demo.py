@@ -31,7 +31,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         sphereface=dict(margin=4, lambda_base=1000.0, lambda_gamma=0.12, lambda_power=1.0,
                         lambda_min=5.0),
         combined=dict(scale=32.0, m1=1.0, m2=0.3, m3=0.2),
-        triplet=dict(margin=0.2, mining="batch_hard"),
+        triplet=dict(margin=0.2, mining="batch_all"),
         center=dict(update="rule", alpha=0.5, learning_rate=0.5)))
     c.optimizer = ml_collections.ConfigDict(dict(
         name="sgd", learning_rate=0.1, momentum=0.9, nesterov=True, b1=0.9, b2=0.999,

@@ -8,13 +8,20 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from jfacerec.models.convnext import ConvNeXt
 from jfacerec.models.heads import CosineClassifier, EmbeddingHead, LinearClassifier
+from jfacerec.models.iresnet import IResNet
 from jfacerec.models.layers import NORMS, Norm
+from jfacerec.models.mobilenet import MobileFaceNet, MobileNetV2
 from jfacerec.models.resnet import ResNet
 
 
 class FaceModel(nn.Module):
     """Backbone -> embedding -> classifier head.
+
+    A backbone returns either a feature map [batch, h, w, c], which the embedding head pools and
+    projects, or the embedding [batch, embedding_dim] itself (the face backbones with their own
+    fully connected or GDC head).
 
     Called on images [batch, height, width, 3] it returns float32 logits [batch, num_classes], or
     the embeddings [batch, embedding_dim] with `return_feats=True`. The head is "linear" (softmax
@@ -40,7 +47,10 @@ class FaceModel(nn.Module):
             raise ValueError(f"unknown head {self.head!r}; choose 'linear' or 'cosine'")
 
     def embed(self, images: jax.Array, *, train: bool = False) -> jax.Array:
-        return self.embed_head(self.backbone(images, train=train), train=train)
+        feats = self.backbone(images, train=train)
+        if feats.ndim == 2:
+            return feats.astype(jnp.float32)
+        return self.embed_head(feats, train=train)
 
     def classify(self, embeddings: jax.Array) -> jax.Array:
         """Embeddings [batch, embedding_dim] -> logits [batch, num_classes]."""
@@ -54,17 +64,56 @@ class FaceModel(nn.Module):
         return self.classify(embeddings)
 
 
-def _resnet(stage_sizes, widths, block="basic", stem="small", stem_strides=1):
-    def build(*, num_classes: int, embedding_dim: int = 128, norm: str = "group",
+def _scaled(widths, multiplier: float) -> list[int]:
+    return [max(1, int(round(w * multiplier))) for w in widths]
+
+
+def _builder(make_backbone, default_norm: str):
+    """A registry entry: keyword options -> FaceModel around make_backbone(options)."""
+
+    def build(*, num_classes: int, embedding_dim: int = 128, norm: str | None = None,
               norm_groups: int = 32, width_multiplier: float = 1.0, dropout: float = 0.0,
-              dtype: Any = jnp.float32, head: str = "linear",
+              dropblock: float = 0.0, dtype: Any = jnp.float32, head: str = "linear",
               head_scale: float = 64.0) -> FaceModel:
-        scaled = [max(1, int(round(w * width_multiplier))) for w in widths]
-        backbone = ResNet(stage_sizes, scaled, block=block, stem=stem, stem_strides=stem_strides,
-                          norm=norm,
-                          norm_groups=norm_groups, dtype=dtype)
-        return FaceModel(backbone, num_classes, embedding_dim, dropout, dtype, head, head_scale)
+        options = dict(norm=norm or default_norm, norm_groups=norm_groups,
+                       width_multiplier=width_multiplier, dropout=dropout, dropblock=dropblock,
+                       dtype=dtype, embedding_dim=embedding_dim)
+        # Backbones with their own embedding layer take the dropout; others leave it to the head.
+        backbone, own_head = make_backbone(**options)
+        return FaceModel(backbone, num_classes, embedding_dim, 0.0 if own_head else dropout,
+                         dtype, head, head_scale)
+
     return build
+
+
+def _resnet(stage_sizes, widths, block="basic", stem="small", stem_strides=1):
+    def make(*, width_multiplier, embedding_dim, dropout, dropblock, **kw):
+        del embedding_dim, dropout
+        return ResNet(stage_sizes, _scaled(widths, width_multiplier), block=block, stem=stem,
+                      stem_strides=stem_strides, dropblock=dropblock, **kw), False
+    return _builder(make, "group")
+
+
+def _iresnet(stage_sizes):
+    def make(*, width_multiplier, **kw):
+        return IResNet(stage_sizes, _scaled((64, 128, 256, 512), width_multiplier), **kw), True
+    return _builder(make, "batch")
+
+
+def _mobilefacenet(**kw):
+    return MobileFaceNet(**kw), True
+
+
+def _mobilenetv2(*, embedding_dim, dropout, **kw):
+    del embedding_dim, dropout
+    return MobileNetV2(**kw), False
+
+
+def _convnext(depths, dims):
+    def make(*, width_multiplier, embedding_dim, dropout, **kw):
+        del embedding_dim, dropout
+        return ConvNeXt(depths, _scaled(dims, width_multiplier), **kw), False
+    return _builder(make, "layer")
 
 
 _MODELS: dict[str, Callable[..., FaceModel]] = {
@@ -74,12 +123,20 @@ _MODELS: dict[str, Callable[..., FaceModel]] = {
     "resnet18": _resnet((2, 2, 2, 2), (64, 128, 256, 512), stem="imagenet"),
     "resnet34": _resnet((3, 4, 6, 3), (64, 128, 256, 512), stem="imagenet"),
     "resnet50": _resnet((3, 4, 6, 3), (64, 128, 256, 512), block="bottleneck", stem="imagenet"),
+    "iresnet18": _iresnet((2, 2, 2, 2)),
+    "iresnet34": _iresnet((3, 4, 6, 3)),
+    "iresnet50": _iresnet((3, 4, 14, 3)),
+    "iresnet100": _iresnet((3, 13, 30, 3)),
+    "mobilefacenet": _builder(_mobilefacenet, "batch"),
+    "mobilenetv2": _builder(_mobilenetv2, "batch"),
+    "convnext_tiny": _convnext((3, 3, 9, 3), (96, 192, 384, 768)),
+    "convnext_nano": _convnext((2, 2, 8, 2), (80, 160, 320, 640)),
 }
 
 
 def get_model(name: str, **kwargs) -> FaceModel:
     """The model registered under `name`, built with `kwargs` (num_classes, embedding_dim, norm,
-    norm_groups, width_multiplier, dropout, dtype, head, head_scale)."""
+    norm_groups, width_multiplier, dropout, dropblock, dtype, head, head_scale)."""
     try:
         build = _MODELS[name]
     except KeyError:

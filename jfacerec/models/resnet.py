@@ -8,7 +8,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from jfacerec.models.layers import Norm, conv_kernel_init
+from jfacerec.models.layers import DropBlock, Norm, conv_kernel_init
 
 
 class BasicBlock(nn.Module):
@@ -80,6 +80,7 @@ class ResNet(nn.Module):
     stem_strides: int = 1
     norm: str = "group"
     norm_groups: int = 32
+    dropblock: float = 0.0  # DropBlock rate after the last two stages
     dtype: Any = jnp.float32
 
     @nn.compact
@@ -107,4 +108,6 @@ class ResNet(nn.Module):
                 x = block_cls(width, strides=2 if i > 0 and j == 0 else 1, norm=self.norm,
                               norm_groups=self.norm_groups, dtype=self.dtype,
                               name=f"stage{i + 1}_block{j + 1}")(x, train=train)
+            if i >= len(self.stage_sizes) - 2:
+                x = DropBlock(self.dropblock, 3)(x, train=train)
         return x

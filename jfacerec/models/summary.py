@@ -1,0 +1,77 @@
+"""python -m jfacerec.models.summary --model NAME [--image-size S] [--config configs/X.py]
+
+Prints one row per stage of the backbone (output shape, parameters, FLOPs from XLA's cost
+analysis) and the totals of one forward pass on one image.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import app, flags
+
+from jfacerec.models import FaceModel, get_model
+
+# Native input sizes: face backbones take 112x112 crops, ImageNet-style ones 224x224.
+NATIVE_SIZE = {"resnet_tiny": 32, "resnet18": 224, "resnet34": 224, "resnet50": 224,
+               "mobilenetv2": 224, "convnext_tiny": 224, "convnext_nano": 224}
+
+
+def native_size(name: str) -> int:
+    return NATIVE_SIZE.get(name, 112)
+
+
+def totals(model: FaceModel, image_size: int) -> dict[str, Any]:
+    """Parameters (without the classifier) and forward FLOPs per image of the embedding."""
+    x = jnp.zeros((1, image_size, image_size, 3), jnp.float32)
+    variables = jax.eval_shape(lambda: model.init(jax.random.key(0), x))
+    params = variables["params"]
+    n = sum(int(np.prod(p.shape)) for p in jax.tree.leaves(params))
+    head = sum(int(np.prod(p.shape)) for p in jax.tree.leaves(params["classifier"]))
+    embed = jax.jit(lambda v, x: model.apply(v, x, return_feats=True))
+    cost = embed.lower(variables, x).compile().cost_analysis()
+    cost = cost[0] if isinstance(cost, list) else cost
+    return {"parameters": n - head, "flops": float(cost["flops"])}
+
+
+def stage_table(model: FaceModel, image_size: int) -> str:
+    """flax's module table two levels deep, with per-module FLOPs."""
+    x = jnp.zeros((1, image_size, image_size, 3), jnp.float32)
+    return nn.tabulate(model, jax.random.key(0), depth=2, compute_flops=True,
+                       console_kwargs={"width": 160})(x, return_feats=True)
+
+
+_MODEL = flags.DEFINE_string("model", None, "Registered model name.")
+_SIZE = flags.DEFINE_integer("image_size", None, "Input side; default: the model's native size.")
+_CONFIG = flags.DEFINE_string("config", None, "A config file; its model and image_size are used.")
+_DIM = flags.DEFINE_integer("embedding_dim", 512, "Embedding size (without --config).")
+
+
+def main(argv):
+    del argv
+    name, size, kwargs = _MODEL.value, _SIZE.value, {"embedding_dim": _DIM.value}
+    if _CONFIG.value:
+        spec = importlib.util.spec_from_file_location("config", _CONFIG.value)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        c = module.get_config()
+        name, size = name or c.model.name, size or c.image_size
+        kwargs = dict(embedding_dim=c.model.embedding_dim, norm=c.model.norm,
+                      width_multiplier=c.model.width_multiplier)
+    if not name:
+        raise app.UsageError("give --model NAME or --config FILE")
+    size = size or native_size(name)
+    model = get_model(name, num_classes=2, **kwargs)
+    print(stage_table(model, size))
+    t = totals(model, size)
+    print(f"{name} at {size}x{size}: {t['parameters']:,} parameters (without the classifier), "
+          f"{t['flops'] / 1e9:.3f} GFLOPs ({t['flops'] / 2e9:.3f} G multiply-adds) per image")
+
+
+if __name__ == "__main__":
+    app.run(main)
