@@ -21,7 +21,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
     c.model = ml_collections.ConfigDict(dict(
         name="resnet_tiny", embedding_dim=128, norm="group", norm_groups=8, width_multiplier=1.0,
-        dropout=0.0))
+        dropout=0.0, dropblock=0.0))
     # loss.name is one loss or a weighted sum ("0.7*softmax + 0.3*triplet"); each loss's options
     # sit under its own name.
     c.loss = ml_collections.ConfigDict(dict(

@@ -48,7 +48,8 @@ def build_model(config: ml_collections.ConfigDict, num_classes: int) -> FaceMode
     head, head_scale = Objective.from_config(config).head
     return get_model(m.name, num_classes=num_classes, embedding_dim=m.embedding_dim, norm=m.norm,
                      norm_groups=m.norm_groups, width_multiplier=m.width_multiplier,
-                     dropout=m.dropout, dtype=jnp.dtype(config.dtype), head=head,
+                     dropout=m.dropout, dropblock=m.get("dropblock", 0.0),
+                     dtype=jnp.dtype(config.dtype), head=head,
                      head_scale=head_scale)
 
 

@@ -1,7 +1,8 @@
-"""python -m jfacerec.models.summary --model NAME [--image-size S] [--config configs/X.py]
+"""python -m jfacerec.models.summary --model NAME [--image_size S] [--config configs/X.py]
 
 Prints one row per stage of the backbone (output shape, parameters, FLOPs from XLA's cost
-analysis) and the totals of one forward pass on one image.
+analysis) and the totals of one forward pass on one image. `--all` prints a markdown table of every
+registered backbone at its native input size instead.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
 
-from jfacerec.models import FaceModel, get_model
+from jfacerec.models import FaceModel, get_model, registered_models
 
 # Native input sizes: face backbones take 112x112 crops, ImageNet-style ones 224x224.
 NATIVE_SIZE = {"resnet_tiny": 32, "resnet18": 224, "resnet34": 224, "resnet50": 224,
@@ -50,10 +51,24 @@ _MODEL = flags.DEFINE_string("model", None, "Registered model name.")
 _SIZE = flags.DEFINE_integer("image_size", None, "Input side; default: the model's native size.")
 _CONFIG = flags.DEFINE_string("config", None, "A config file; its model and image_size are used.")
 _DIM = flags.DEFINE_integer("embedding_dim", 512, "Embedding size (without --config).")
+_ALL = flags.DEFINE_bool("all", False, "A table of every registered backbone.")
+
+
+def zoo_table(embedding_dim: int) -> str:
+    rows = ["| model | input | parameters (M) | GFLOPs (multiply-adds) |", "| --- | --- | --- | --- |"]
+    for name in registered_models():
+        size = native_size(name)
+        t = totals(get_model(name, num_classes=2, embedding_dim=embedding_dim), size)
+        rows.append(f"| `{name}` | {size}x{size} | {t['parameters'] / 1e6:.2f} | "
+                    f"{t['flops'] / 2e9:.3f} |")
+    return "\n".join(rows)
 
 
 def main(argv):
     del argv
+    if _ALL.value:
+        print(zoo_table(_DIM.value))
+        return
     name, size, kwargs = _MODEL.value, _SIZE.value, {"embedding_dim": _DIM.value}
     if _CONFIG.value:
         spec = importlib.util.spec_from_file_location("config", _CONFIG.value)
