@@ -185,3 +185,35 @@ def test_one_training_step_of_each_backbone(name):
     # Residual branches start as the identity (zero-initialised last norm scale), so only some
     # backbone weights move in the first step; but some must.
     assert any(jax.tree.leaves(changed["backbone"]))
+
+
+def test_zoo_configs_build_every_backbone_at_both_sizes():
+    import os
+    import sys
+
+    from conftest import REPO
+    from jfacerec.training import build_model
+
+    sys.path.insert(0, os.path.join(REPO, "configs"))
+    import zoo
+
+    for name in zoo.BACKBONES:
+        for variant in (name, f"{name},cpu"):
+            c = zoo.get_config(variant)
+            model = build_model(c, num_classes=c.dataset.num_identities)
+            x = jnp.zeros((1, c.image_size, c.image_size, 3))
+            variables = jax.eval_shape(lambda: model.init(jax.random.key(0), x))
+            out = jax.eval_shape(lambda v: model.apply(v, x, return_feats=True), variables)
+            assert out.shape == (1, c.model.embedding_dim)
+    with pytest.raises(ValueError, match="unknown backbone"):
+        zoo.get_config("vgg")
+
+
+def test_summary_prints_stages_and_totals():
+    from jfacerec.models.summary import stage_table
+
+    model = get_model("mobilefacenet", num_classes=2, embedding_dim=8, width_multiplier=0.25)
+    table = stage_table(model, 32)
+    assert "backbone" in table and "Total" in table
+    t = totals(model, 32)
+    assert t["parameters"] > 0 and t["flops"] > 0
