@@ -22,6 +22,7 @@ from ml_collections import config_flags
 
 from jfacerec import matcher, metrics, parallel, protocols, report
 from jfacerec.data import sources
+from jfacerec.data.pipeline import eval_batches
 from jfacerec.inference import make_embed_fn, make_logits_fn, restore, run_over
 
 
@@ -62,8 +63,6 @@ def open_set_metrics(embeddings: np.ndarray, labels: np.ndarray, seed: int) -> d
 
 def pixel_embeddings(source: sources.Source, image_size: int) -> np.ndarray:
     """Raw pixels as embeddings: the no-learning baseline. float32 [n, size*size*3]."""
-    from jfacerec.data.pipeline import eval_batches
-
     return np.concatenate([b["image"].reshape(len(b["image"]), -1) + 1.0  # back to >= 0
                            for b in eval_batches(source, batch_size=256, image_size=image_size)])
 

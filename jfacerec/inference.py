@@ -17,6 +17,7 @@ from jfacerec.data import pipeline
 from jfacerec.data.sources import Source
 from jfacerec.losses import l2_normalize
 from jfacerec.models import FaceModel
+from jfacerec.training import abstract_train_state
 
 
 @dataclasses.dataclass
@@ -29,8 +30,6 @@ class Restored:
 
 def restore(config: ml_collections.ConfigDict, workdir: str, num_classes: int) -> Restored:
     """The model of `config` with the weights of the newest checkpoint in `workdir`."""
-    from jfacerec.training import abstract_train_state  # training imports this module's peers
-
     mesh = parallel.make_mesh(config.num_devices)
     model, _, abstract = abstract_train_state(config, num_classes, mesh)
     state, _, step = Checkpointer(workdir, keep=config.keep_checkpoints).restore(abstract)

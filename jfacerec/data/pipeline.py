@@ -19,7 +19,7 @@ import numpy as np
 from jax.sharding import NamedSharding
 from PIL import Image
 
-from jfacerec.data.sources import Source
+from jfacerec.data.sources import Source, labels_of
 
 
 @dataclasses.dataclass(frozen=True)
@@ -83,8 +83,6 @@ class _SampledBatch(grain.transforms.RandomMap):
 
     def __init__(self, source: Source, sampler: str, rows: int, pk_images: int, size: int,
                  augment: Augment):
-        from jfacerec.data.sources import labels_of
-
         labels = labels_of(source)
         self.groups = [g for g in (np.flatnonzero(labels == c) for c in np.unique(labels))
                        if len(g) > 1]
