@@ -108,12 +108,18 @@ def test_sigkill_then_resume_gives_bitwise_identical_parameters(tmp_path):
         for r, s in zip(read_metrics(killed), read_metrics(straight))]
 
 
-def test_eight_devices_match_one_device(tmp_path):
+@pytest.mark.parametrize("norm", ["group", "batch"])
+def test_eight_devices_match_one_device(tmp_path, norm):
+    """With BatchNorm this also shows its statistics span the global batch, not each shard."""
     assert len(jax.devices()) == 8
-    one = train(tiny_config(total_steps=8, num_devices=1), str(tmp_path / "one"))
-    eight = train(tiny_config(total_steps=8, num_devices=8), str(tmp_path / "eight"))
+    one = train(tiny_config(total_steps=8, num_devices=1, **{"model.norm": norm}),
+                str(tmp_path / "one"))
+    eight = train(tiny_config(total_steps=8, num_devices=8, **{"model.norm": norm}),
+                  str(tmp_path / "eight"))
     chex.assert_trees_all_close(jax.device_get(one.params), jax.device_get(eight.params),
                                 atol=2e-5, rtol=2e-4)
+    chex.assert_trees_all_close(jax.device_get(one.batch_stats),
+                                jax.device_get(eight.batch_stats), atol=2e-5, rtol=2e-4)
     assert len(eight.params["classifier"]["kernel"].sharding.device_set) == 8
 
 
