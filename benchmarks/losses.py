@@ -24,14 +24,17 @@ def main():
     parser.add_argument("--workdir", default=os.path.join(REPO, "workdirs", "losses"))
     parser.add_argument("--objectives",
                         default="softmax,center,triplet,sphereface,cosface,arcface,joint")
+    parser.add_argument("--set", action="append", default=[],
+                        help="a config override for every run, e.g. loss.arcface.margin=0.3")
     args = parser.parse_args()
     results = {}
     for name in args.objectives.split(","):
         results[name] = train_and_evaluate(f"configs/demo_losses.py:{name}",
                                            os.path.join(args.workdir, name),
-                                           [f"--config.total_steps={args.steps}"])
+                                           [f"--config.total_steps={args.steps}",
+                                            *(f"--config.{kv}" for kv in args.set)])
         print(f"{name}: " + ", ".join(f"{k} {results[name][k]:.4f}" for k in KEYS), flush=True)
-    report(results, KEYS, "softmax", {"steps": args.steps})
+    report(results, KEYS, "softmax", {"steps": args.steps, "overrides": args.set})
 
 
 if __name__ == "__main__":

@@ -17,10 +17,10 @@ import sys
 import jax
 import ml_collections
 import numpy as np
-from absl import app, flags, logging
-from ml_collections import config_flags
+from absl import app, logging
 
 from jfacerec import matcher, metrics, parallel, protocols, report
+from jfacerec.cli import config_and_workdir_flags
 from jfacerec.data import sources
 from jfacerec.data.pipeline import eval_batches
 from jfacerec.inference import make_embed_fn, make_logits_fn, restore, run_over
@@ -122,10 +122,8 @@ def format_table(results: dict[str, float]) -> str:
     return "\n".join(rows)
 
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Config file the model was trained with.",
-                                          lock_config=True)
-_WORKDIR = flags.DEFINE_string("workdir", None, "Training workdir holding checkpoints/.")
-flags.mark_flags_as_required(["config", "workdir"])
+_CONFIG, _WORKDIR = config_and_workdir_flags("Config file the model was trained with.",
+                                             "Training workdir holding checkpoints/.")
 
 
 def main(argv):

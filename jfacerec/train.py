@@ -7,15 +7,13 @@ from __future__ import annotations
 
 import sys
 
-from absl import app, flags, logging
-from ml_collections import config_flags
+from absl import app, logging
 
 from jfacerec import parallel
+from jfacerec.cli import config_and_workdir_flags
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Training config file.",
-                                          lock_config=True)
-_WORKDIR = flags.DEFINE_string("workdir", None, "Where checkpoints and logs go.")
-flags.mark_flags_as_required(["config", "workdir"])
+_CONFIG, _WORKDIR = config_and_workdir_flags("Training config file.",
+                                             "Where checkpoints and logs go.")
 
 
 def main(argv):

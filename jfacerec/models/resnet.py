@@ -11,57 +11,57 @@ import jax.numpy as jnp
 from jfacerec.models.layers import DropBlock, Norm, conv_kernel_init
 
 
-class BasicBlock(nn.Module):
+class _Block(nn.Module):
+    """Fields and conv / norm factories shared by the residual blocks."""
+
+    features: int
+    strides: int = 1
+    norm: str = "group"
+    norm_groups: int = 32
+    dtype: Any = jnp.float32
+
+    def conv(self, features: int, kernel: int, strides: int, name: str) -> nn.Conv:
+        return nn.Conv(features, (kernel, kernel), (strides, strides),
+                       padding="SAME" if kernel > 1 else "VALID", use_bias=False,
+                       kernel_init=conv_kernel_init(), dtype=self.dtype, name=name)
+
+    def make_norm(self, name: str, last: bool = False) -> Norm:
+        # A zero-initialised last scale makes each block start as the identity (Goyal et al.
+        # 2017).
+        return Norm(self.norm, self.norm_groups, dtype=self.dtype, name=name,
+                    scale_init=nn.initializers.zeros if last else nn.initializers.ones)
+
+    def shortcut(self, x: jax.Array, out: int, train: bool) -> jax.Array:
+        if x.shape[-1] == out and self.strides == 1:
+            return x
+        return self.make_norm("proj_norm")(self.conv(out, 1, self.strides, "proj")(x),
+                                           train=train)
+
+
+class BasicBlock(_Block):
     """conv3x3 - norm - relu - conv3x3 - norm, plus a (projected) shortcut, then relu."""
 
-    features: int
-    strides: int = 1
-    norm: str = "group"
-    norm_groups: int = 32
-    dtype: Any = jnp.float32
-
     @nn.compact
     def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
-        conv = lambda f, k, s, name: nn.Conv(  # noqa: E731
-            f, (k, k), (s, s), padding="SAME" if k > 1 else "VALID", use_bias=False,
-            kernel_init=conv_kernel_init(), dtype=self.dtype, name=name)
-        norm = lambda name, **kw: Norm(self.norm, self.norm_groups, dtype=self.dtype,  # noqa: E731
-                                       name=name, **kw)
-        y = conv(self.features, 3, self.strides, "conv1")(x)
-        y = nn.relu(norm("norm1")(y, train=train))
-        y = conv(self.features, 3, 1, "conv2")(y)
-        # Zero-initialised last scale: each block starts as the identity (Goyal et al. 2017).
-        y = norm("norm2", scale_init=nn.initializers.zeros)(y, train=train)
-        if x.shape[-1] != self.features or self.strides != 1:
-            x = conv(self.features, 1, self.strides, "proj")(x)
-            x = norm("proj_norm")(x, train=train)
-        return nn.relu(x + y)
+        y = self.conv(self.features, 3, self.strides, "conv1")(x)
+        y = nn.relu(self.make_norm("norm1")(y, train=train))
+        y = self.conv(self.features, 3, 1, "conv2")(y)
+        y = self.make_norm("norm2", last=True)(y, train=train)
+        return nn.relu(self.shortcut(x, self.features, train) + y)
 
 
-class BottleneckBlock(nn.Module):
+class BottleneckBlock(_Block):
     """1x1 reduce - 3x3 - 1x1 expand (x4), each followed by norm, plus a shortcut."""
 
-    features: int
-    strides: int = 1
-    norm: str = "group"
-    norm_groups: int = 32
-    dtype: Any = jnp.float32
-
     @nn.compact
     def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
-        conv = lambda f, k, s, name: nn.Conv(  # noqa: E731
-            f, (k, k), (s, s), padding="SAME" if k > 1 else "VALID", use_bias=False,
-            kernel_init=conv_kernel_init(), dtype=self.dtype, name=name)
-        norm = lambda name, **kw: Norm(self.norm, self.norm_groups, dtype=self.dtype,  # noqa: E731
-                                       name=name, **kw)
         out = self.features * 4
-        y = nn.relu(norm("norm1")(conv(self.features, 1, 1, "conv1")(x), train=train))
-        y = nn.relu(norm("norm2")(conv(self.features, 3, self.strides, "conv2")(y), train=train))
-        y = norm("norm3", scale_init=nn.initializers.zeros)(conv(out, 1, 1, "conv3")(y),
-                                                           train=train)
-        if x.shape[-1] != out or self.strides != 1:
-            x = norm("proj_norm")(conv(out, 1, self.strides, "proj")(x), train=train)
-        return nn.relu(x + y)
+        y = self.conv(self.features, 1, 1, "conv1")(x)
+        y = nn.relu(self.make_norm("norm1")(y, train=train))
+        y = self.conv(self.features, 3, self.strides, "conv2")(y)
+        y = nn.relu(self.make_norm("norm2")(y, train=train))
+        y = self.make_norm("norm3", last=True)(self.conv(out, 1, 1, "conv3")(y), train=train)
+        return nn.relu(self.shortcut(x, out, train) + y)
 
 
 class ResNet(nn.Module):
