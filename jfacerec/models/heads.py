@@ -54,6 +54,8 @@ class CosineClassifier(nn.Module):
 
     @nn.compact
     def __call__(self, embeddings: jax.Array) -> jax.Array:
-        kernel = self.param("kernel", nn.initializers.normal(0.01),
+        # Columns of about unit norm: the gradient on a normalised weight scales with 1 / |w|,
+        # so arcface_torch's N(0, 0.01) start would multiply the step on 512-d weights by ~20.
+        kernel = self.param("kernel", nn.initializers.lecun_normal(),
                             (embeddings.shape[-1], self.num_classes), jnp.float32)
         return self.scale * cosine_logits(embeddings, kernel)
