@@ -17,7 +17,6 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
-from absl import logging
 from tqdm.auto import tqdm
 
 from jfacerec import losses, parallel
@@ -25,6 +24,12 @@ from jfacerec.checkpoint import Checkpointer
 from jfacerec.data import pipeline, sources
 from jfacerec.models import FaceModel, get_model
 from jfacerec.objectives import Objective
+
+
+def _say(message: str) -> None:
+    """A line for the person at the terminal (process 0 only), clear of the progress bar."""
+    if jax.process_index() == 0:
+        tqdm.write(message)
 
 
 class NonFiniteLossError(RuntimeError):
@@ -255,18 +260,19 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
     if checkpointer.latest_step() is not None:
         state, data_state, start = checkpointer.restore(abstract)
         data_iter.set_state(data_state)
-        logging.info("resumed from step %d in %s", start, checkpointer.directory)
+        _say(f"resumed from step {start} in {checkpointer.directory}")
     else:
         objective = Objective.from_config(config)
         init = jax.jit(lambda rng: init_state(model, tx, config.image_size, rng, objective),
                        out_shardings=state_sharding)
         state, start = init(jax.random.key(config.seed)), 0
     num_params = sum(x.size for x in jax.tree.leaves(state.params))
-    logging.info("model %s: %s parameters, %d classes, %d devices", config.model.name,
-                 f"{num_params:,}", dataset.num_classes, n_dev)
+    _say(f"{config.model.name}: {num_params:,} parameters, {dataset.num_classes} classes, "
+         f"loss {config.loss.name}, {n_dev} device(s), {jax.process_count()} process(es)")
 
     # -- The loop ---------------------------------------------------------------------------------
     logger = _Logger(workdir, start)
+    last_record: dict[str, float] = {}
     pending: list[dict] = []  # metrics of steps since the last log, still on device
     interval_start, interval_first = time.perf_counter(), start
     bar = tqdm(total=config.total_steps, initial=start, desc="train", unit="step",
@@ -287,6 +293,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
                 record["learning_rate"] = float(fetched[-1]["learning_rate"])
                 record["images_per_second"] = len(fetched) * config.batch_size / elapsed
                 logger.write(record)
+                last_record = record
                 bar.set_postfix(loss=f"{record['loss']:.3f}", acc=f"{record['accuracy']:.2f}",
                                 img_s=f"{record['images_per_second']:.0f}")
                 pending, interval_start, interval_first = [], time.perf_counter(), done
@@ -301,4 +308,8 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
         logger.close()
         if hasattr(data_iter, "close"):
             data_iter.close()
+    if last_record:
+        _say(f"step {last_record['step']}: loss {last_record['loss']:.4f}, batch accuracy "
+             f"{last_record['accuracy']:.3f}, {last_record['images_per_second']:.0f} images/s; "
+             f"checkpoints in {checkpointer.directory}")
     return state
