@@ -88,8 +88,8 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float
     }
 
     if dataset.test is not None:
-        logits, labels = run_over(make_logits_fn(restored.model), variables, dataset.test,
-                                  desc="classification", **run)
+        logits_fn = make_logits_fn(restored.model, flip=config.eval.flip)
+        logits, labels = run_over(logits_fn, variables, dataset.test, desc="classification", **run)
         results["classification/top1"] = metrics.top_k_accuracy(logits, labels, 1)
         results["classification/top5"] = metrics.top_k_accuracy(logits, labels, 5)
 

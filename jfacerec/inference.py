@@ -53,9 +53,20 @@ def make_embed_fn(model: FaceModel, *, flip: bool) -> Callable:
     return embed
 
 
-def make_logits_fn(model: FaceModel) -> Callable:
-    """(variables, images) -> float32 logits [b, num_classes]."""
-    return jax.jit(lambda variables, images: model.apply(variables, images))
+def make_logits_fn(model: FaceModel, *, flip: bool) -> Callable:
+    """(variables, images) -> float32 logits [b, num_classes].
+
+    With `flip`, the classifier scores the mean of the embeddings of x and flip_lr(x).
+    """
+
+    @jax.jit
+    def logits(variables, images):
+        e = model.apply(variables, images, return_feats=True)
+        if flip:
+            e = (e + model.apply(variables, images[:, :, ::-1], return_feats=True)) / 2.0
+        return model.apply(variables, e, method=FaceModel.classify)
+
+    return logits
 
 
 def run_over(fn: Callable, variables: Any, source: Source, *, batch_size: int, image_size: int,
