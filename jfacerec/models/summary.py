@@ -47,11 +47,13 @@ def stage_table(model: FaceModel, image_size: int) -> str:
                        console_kwargs={"width": 160})(x, return_feats=True)
 
 
-_MODEL = flags.DEFINE_string("model", None, "Registered model name.")
-_SIZE = flags.DEFINE_integer("image_size", None, "Input side; default: the model's native size.")
-_CONFIG = flags.DEFINE_string("config", None, "A config file; its model and image_size are used.")
-_DIM = flags.DEFINE_integer("embedding_dim", 512, "Embedding size (without --config).")
-_ALL = flags.DEFINE_bool("all", False, "A table of every registered backbone.")
+def define_flags() -> None:
+    """The command's flags; defined only when it runs, so importing this module defines none."""
+    flags.DEFINE_string("model", None, "Registered model name.")
+    flags.DEFINE_integer("image_size", None, "Input side; default: the model's native size.")
+    flags.DEFINE_string("config", None, "A config file; its model and image_size are used.")
+    flags.DEFINE_integer("embedding_dim", 512, "Embedding size (without --config).")
+    flags.DEFINE_bool("all", False, "A table of every registered backbone.")
 
 
 def zoo_table(embedding_dim: int) -> str:
@@ -66,12 +68,13 @@ def zoo_table(embedding_dim: int) -> str:
 
 def main(argv):
     del argv
-    if _ALL.value:
-        print(zoo_table(_DIM.value))
+    f = flags.FLAGS
+    if f.all:
+        print(zoo_table(f.embedding_dim))
         return
-    name, size, kwargs = _MODEL.value, _SIZE.value, {"embedding_dim": _DIM.value}
-    if _CONFIG.value:
-        spec = importlib.util.spec_from_file_location("config", _CONFIG.value)
+    name, size, kwargs = f.model, f.image_size, {"embedding_dim": f.embedding_dim}
+    if f.config:
+        spec = importlib.util.spec_from_file_location("config", f.config)
         module = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(module)
         c = module.get_config()
@@ -89,4 +92,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+    define_flags()
     app.run(main)
