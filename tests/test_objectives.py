@@ -129,3 +129,18 @@ def test_triplet_sampler_needs_a_triplet_term():
     config.input.sampler = "triplets"
     with pytest.raises(ValueError, match="triplet"):
         Objective.from_config(config)
+
+
+@pytest.mark.parametrize("name", ["arcface", "cosface", "sphereface", "combined", "center",
+                                  "triplet", "joint"])
+def test_one_config_file_per_objective(name):
+    import importlib.util
+
+    path = os.path.join(REPO, "configs", f"demo_{name}.py")
+    spec = importlib.util.spec_from_file_location(f"demo_{name}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    full, small = module.get_config(), module.get_config("runlocal")
+    assert full.loss.name == demo_losses.get_config(name).loss.name
+    assert small.total_steps < full.total_steps
+    Objective.from_config(full)

@@ -1,4 +1,4 @@
-"""python -m jfacerec.models.summary --model NAME [--image_size S] [--config configs/X.py]
+"""python -m jfacerec.models.summary --model NAME [--image-size S] [--config configs/X.py]
 
 Prints one row per stage of the backbone (output shape, parameters, FLOPs from XLA's cost
 analysis) and the totals of one forward pass on one image. `--all` prints a markdown table of every
@@ -51,6 +51,7 @@ def define_flags() -> None:
     """The command's flags; defined only when it runs, so importing this module defines none."""
     flags.DEFINE_string("model", None, "Registered model name.")
     flags.DEFINE_integer("image_size", None, "Input side; default: the model's native size.")
+    flags.DEFINE_alias("image-size", "image_size")
     flags.DEFINE_string("config", None, "A config file; its model and image_size are used.")
     flags.DEFINE_integer("embedding_dim", 512, "Embedding size (without --config).")
     flags.DEFINE_bool("all", False, "A table of every registered backbone.")
