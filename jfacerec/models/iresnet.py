@@ -18,14 +18,15 @@ from jfacerec.models.layers import DropBlock, Norm, PReLU, conv_kernel_init
 _PAD1 = ((1, 1), (1, 1))  # torch padding=1: the same pixels as arcface_torch at stride 2
 
 
-def embedding_norm(kind: str, groups: int, dtype: Any, name: str) -> nn.Module:
-    """The norm after the embedding layer: BatchNorm1d for "batch", else a LayerNorm over D.
-
-    (Group and instance norms of a flat vector would normalise single numbers to zero.)
+def embedding_norm(x: jax.Array, kind: str, dtype: Any, *, train: bool) -> jax.Array:
+    """The norm after the embedding layer ([batch, D]): BatchNorm1d for "batch", else a LayerNorm
+    over D (group and instance norms of a flat vector would normalise single numbers to zero).
+    Call inside a compact method; the layer is named "features" as in arcface_torch.
     """
     if kind == "batch":
-        return nn.BatchNorm(momentum=0.9, epsilon=1e-5, dtype=dtype, name=name)
-    return nn.LayerNorm(epsilon=1e-5, dtype=dtype, name=name)
+        return nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5,
+                            dtype=dtype, name="features")(x)
+    return nn.LayerNorm(epsilon=1e-5, dtype=dtype, name="features")(x)
 
 
 class IBasicBlock(nn.Module):
@@ -85,6 +86,4 @@ class IResNet(nn.Module):
         x = x.reshape(x.shape[0], -1)
         x = nn.Dropout(self.dropout, deterministic=not train)(x)
         x = nn.Dense(self.embedding_dim, dtype=self.dtype, name="fc")(x)
-        norm = embedding_norm(self.norm, self.norm_groups, self.dtype, "features")
-        x = norm(x, use_running_average=not train) if self.norm == "batch" else norm(x)
-        return x.astype(jnp.float32)
+        return embedding_norm(x, self.norm, self.dtype, train=train).astype(jnp.float32)

@@ -102,9 +102,7 @@ class MobileFaceNet(nn.Module):
         x = x.reshape(x.shape[0], -1)
         x = nn.Dropout(self.dropout, deterministic=not train)(x)
         x = nn.Dense(self.embedding_dim, use_bias=False, dtype=self.dtype, name="fc")(x)
-        norm = embedding_norm(self.norm, self.norm_groups, self.dtype, "features")
-        x = norm(x, use_running_average=not train) if self.norm == "batch" else norm(x)
-        return x.astype(jnp.float32)
+        return embedding_norm(x, self.norm, self.dtype, train=train).astype(jnp.float32)
 
 
 def _make_divisible(v: float, divisor: int = 8) -> int:
