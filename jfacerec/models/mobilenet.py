@@ -82,11 +82,11 @@ class MobileFaceNet(nn.Module):
         x = x.astype(self.dtype)
         x = ConvNorm(ch(128), 3, 2, **kw)(x, train=train)
         x = ConvNorm(ch(128), 3, 1, groups=ch(64), **kw)(x, train=train)
-        stages = [(ch(128), ch(128), self.blocks[1], ch(128)),
-                  (ch(128), ch(256), self.blocks[2], ch(256)),
-                  (ch(256), ch(256), self.blocks[3], ch(256))]
-        down_groups = [ch(128), ch(256), ch(512)]
-        for i, ((_, out, n, groups), down) in enumerate(zip(stages, down_groups)):
+        # (output channels, residual blocks, their expansion, the downsampling block's expansion)
+        stages = [(ch(128), self.blocks[1], ch(128), ch(128)),
+                  (ch(256), self.blocks[2], ch(256), ch(256)),
+                  (ch(256), self.blocks[3], ch(256), ch(512))]
+        for i, (out, n, groups, down) in enumerate(stages):
             x = DepthWise(out, down, strides=2, **kw)(x, train=train)
             for _ in range(n):
                 x = DepthWise(out, groups, residual=True, **kw)(x, train=train)
