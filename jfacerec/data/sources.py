@@ -3,17 +3,28 @@
 A source is a grain `RandomAccessDataSource`: `len(source)` records, `source[i]` a dict with
 `image` (uint8 [height, width, 3]) and `label` (int32, the identity's index within the source).
 A `FaceDataset` bundles the splits every evaluation needs.
+
+Registered datasets (`config.dataset.name`): synthetic (procedural identities), folder (an
+identity-folder tree), arrayrecord (shards written by `python -m jfacerec.data.pack`), hw2p2 (the
+course layout), lfw (the folder, less the identities of a pairs file), orl (AT&T faces), and tfds
+(any TensorFlow Datasets data source with an image and a label feature).
 """
 
 from __future__ import annotations
 
+import csv
 import dataclasses
+import os
 import threading
 from typing import Callable, Protocol
 
 import ml_collections
 import numpy as np
 
+from jfacerec.data import pack
+from jfacerec.data.folders import (ImageFiles, scan_flat_folder, scan_identity_folders,
+                                   split_per_identity)
+from jfacerec.data.images import load_face
 from jfacerec.data.synthetic import render_faces
 
 # Unseen synthetic identities are drawn from this id upwards, far from any training id.
@@ -88,6 +99,165 @@ class SyntheticSource:
                 f"{self.images_per_identity} images, size {self.image_size}, seed {self.seed})")
 
 
+class _DecodedSource:
+    """Records decoded from encoded images, cropped to the face and resized to `size`.
+
+    Subclasses give `_encoded(i) -> (bytes or path, name)`. With `cache`, decoded faces are kept
+    (a 112-pixel face is 37 KiB): epochs after the first skip decoding.
+    """
+
+    def __init__(self, labels: np.ndarray, *, size: int, crop_fraction: float = 1.0,
+                 cache: bool = False):
+        self._labels = np.asarray(labels, np.int32)
+        self.size, self.crop_fraction, self.cache = size, crop_fraction, cache
+        self._faces: dict[int, np.ndarray] = {}
+        self._lock = threading.Lock()
+
+    def __getstate__(self):
+        state = self.__dict__.copy()
+        state["_faces"], state["_lock"] = {}, None
+        return state
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+        self._lock = threading.Lock()
+
+    def __len__(self) -> int:
+        return len(self._labels)
+
+    def labels(self) -> np.ndarray:
+        return self._labels
+
+    def _encoded(self, index: int) -> tuple[bytes | str, str]:
+        raise NotImplementedError
+
+    def __getitem__(self, index: int) -> dict[str, np.ndarray]:
+        index = int(index)
+        if not 0 <= index < len(self):
+            raise IndexError(f"record {index} out of range [0, {len(self)})")
+        face = self._faces.get(index)
+        if face is None:
+            data, name = self._encoded(index)
+            face = load_face(data, crop_fraction=self.crop_fraction, size=self.size, name=name)
+            if self.cache:
+                with self._lock:
+                    self._faces[index] = face
+        return {"image": face, "label": self._labels[index]}
+
+
+class ImageFileSource(_DecodedSource):
+    """Image files on disk (from a folder scan), decoded on read."""
+
+    def __init__(self, files: ImageFiles, **kwargs):
+        super().__init__(files.labels, **kwargs)
+        self.files = files
+
+    def _encoded(self, index: int) -> tuple[str, str]:
+        return self.files.paths[index], self.files.paths[index]
+
+    def __repr__(self) -> str:
+        return f"ImageFileSource({self.files.summary()})"
+
+
+class ArrayRecordSource(_DecodedSource):
+    """A dataset packed by `python -m jfacerec.data.pack`, read with grain's ArrayRecord source.
+
+    indices: the packed records this source serves (all by default), in order; labels are
+    renumbered 0.. over the identities present when `relabel`.
+    """
+
+    def __init__(self, directory: str, *, indices: np.ndarray | None = None, relabel: bool = True,
+                 **kwargs):
+        import grain
+
+        self.directory = directory
+        self.index = pack.read_index(directory)
+        labels = np.repeat(np.arange(len(self.index["names"]), dtype=np.int32),
+                           self.index["counts"])
+        self.indices = np.arange(len(labels)) if indices is None else np.asarray(indices)
+        labels = labels[self.indices]
+        self.names = list(self.index["names"])
+        if relabel:
+            present = np.unique(labels)
+            labels = np.searchsorted(present, labels).astype(np.int32)
+            self.names = [self.names[i] for i in present]
+        super().__init__(labels, **kwargs)
+        self.records = grain.sources.ArrayRecordDataSource(
+            [os.path.join(directory, s) for s in self.index["shards"]])
+
+    def _encoded(self, index: int) -> tuple[bytes, str]:
+        record_index = int(self.indices[index])
+        _, image = pack.decode_record(self.records[record_index])
+        return image, f"{self.directory} record {record_index}"
+
+    def __repr__(self) -> str:
+        return f"ArrayRecordSource({len(self)} records of {len(self.names)} identities in " \
+               f"{self.directory})"
+
+
+class TfdsSource:
+    """A TensorFlow Datasets data source (`tfds.data_source`, array_record format, no TensorFlow
+    needed to read). Text labels are mapped to indices in sorted order."""
+
+    def __init__(self, name: str, split: str, *, size: int, data_dir: str | None = None,
+                 image_key: str = "image", label_key: str = "label", crop_fraction: float = 1.0):
+        try:
+            import tensorflow_datasets as tfds
+        except ImportError:
+            raise ImportError("the tfds dataset needs tensorflow-datasets: "
+                              "pip install 'jfacerec[tfds]'") from None
+        self.description = f"tfds:{name}[{split}]"
+        self.records = tfds.data_source(name, split=split, data_dir=data_dir)
+        self.image_key, self.size, self.crop_fraction = image_key, size, crop_fraction
+        raw = [self.records[i][label_key] for i in range(len(self.records))]
+        if raw and isinstance(raw[0], (bytes, str)):
+            text = [r.decode() if isinstance(r, bytes) else r for r in raw]
+            self.names = sorted(set(text))
+            self._labels = np.searchsorted(np.array(self.names), np.array(text)).astype(np.int32)
+        else:
+            self._labels = np.asarray(raw, np.int32)
+            self.names = [str(i) for i in range(int(self._labels.max(initial=-1)) + 1)]
+
+    def __len__(self) -> int:
+        return len(self._labels)
+
+    def labels(self) -> np.ndarray:
+        return self._labels
+
+    def __getitem__(self, index: int) -> dict[str, np.ndarray]:
+        from jfacerec.data.images import as_rgb_array, center_crop, resize
+
+        image = as_rgb_array(self.records[int(index)][self.image_key])
+        face = resize(np.ascontiguousarray(center_crop(image, self.crop_fraction)), self.size)
+        return {"image": face, "label": self._labels[int(index)]}
+
+    def __repr__(self) -> str:
+        return f"TfdsSource({self.description}, {len(self)} records)"
+
+
+class Subset:
+    """Records `indices` of another source, relabelled 0.. over the identities present."""
+
+    def __init__(self, source: Source, indices: np.ndarray):
+        self.source, self.indices = source, np.asarray(indices, np.int64)
+        labels = labels_of(source)[self.indices]
+        self._present = np.unique(labels)
+        self._labels = np.searchsorted(self._present, labels).astype(np.int32)
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def labels(self) -> np.ndarray:
+        return self._labels
+
+    def __getitem__(self, index: int) -> dict[str, np.ndarray]:
+        record = self.source[int(self.indices[int(index)])]
+        return {"image": record["image"], "label": self._labels[int(index)]}
+
+    def __repr__(self) -> str:
+        return f"Subset({len(self)} of {self.source!r})"
+
+
 @dataclasses.dataclass
 class FaceDataset:
     """The splits of one dataset.
@@ -131,8 +301,189 @@ def synthetic_dataset(config: ml_collections.ConfigDict, image_size: int) -> Fac
     )
 
 
+def data_root() -> str:
+    """Where the real-image datasets live: $JFACEREC_DATA, default ../shared/data."""
+    return os.environ.get("JFACEREC_DATA", os.path.join("..", "shared", "data"))
+
+
+def _decoding(d: ml_collections.ConfigDict, image_size: int) -> dict:
+    return dict(size=image_size, crop_fraction=d.get("crop_fraction", 1.0),
+                cache=d.get("cache", True))
+
+
+def _scan(d: ml_collections.ConfigDict, root: str, **kwargs) -> ImageFiles:
+    return scan_identity_folders(os.path.abspath(root), check=d.get("check", True),
+                                 strict=d.get("strict", False), **kwargs)
+
+
+def _held_out_split(d: ml_collections.ConfigDict, files: ImageFiles, image_size: int):
+    """(train, test) sources of one tree: `test_images` of each identity held out for testing."""
+    kept, held = split_per_identity(files.labels, d.get("test_images", 0))
+    make = lambda idx: ImageFileSource(files.subset(idx), **_decoding(d, image_size))  # noqa: E731
+    return make(kept), (make(held) if len(held) else None)
+
+
+def folder_dataset(d: ml_collections.ConfigDict, image_size: int) -> FaceDataset:
+    """`root/<identity>/<image>`: train on every identity (less `test_images` held out per
+    identity for classification); verification on `unseen_root`, another tree, if given."""
+    files = _scan(d, d.root, min_images=d.get("min_images", 1))
+    train, test = _held_out_split(d, files, image_size)
+    unseen = None
+    if d.get("unseen_root"):
+        unseen = ImageFileSource(_scan(d, d.unseen_root), **_decoding(d, image_size))
+    return FaceDataset(f"folder:{d.root}", len(files.names), train, test, unseen)
+
+
+def arrayrecord_dataset(d: ml_collections.ConfigDict, image_size: int) -> FaceDataset:
+    """Shards written by `python -m jfacerec.data.pack` (`root`), like `folder` otherwise."""
+    everything = ArrayRecordSource(d.root, size=image_size)
+    kept, held = split_per_identity(everything.labels(), d.get("test_images", 0))
+    make = lambda idx: ArrayRecordSource(d.root, indices=idx, relabel=False,  # noqa: E731
+                                         **_decoding(d, image_size))
+    unseen = None
+    if d.get("unseen_root"):
+        unseen = ArrayRecordSource(d.unseen_root, **_decoding(d, image_size))
+    return FaceDataset(f"arrayrecord:{d.root}", len(everything.names), make(kept),
+                       make(held) if len(held) else None, unseen)
+
+
+def read_id_label_csv(path: str) -> dict[str, str]:
+    """An `id,label` CSV (HW2P2's dev_identities.csv, our submissions) -> {id: label}."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path}: no such file (an id,label CSV)")
+    with open(path, newline="") as f:
+        rows = list(csv.reader(f))
+    if not rows or [c.strip().lower() for c in rows[0][:2]] != ["id", "label"]:
+        raise ValueError(f"{path}: expected a header line 'id,label'")
+    return {r[0].strip(): r[1].strip() for r in rows[1:] if r}
+
+
+@dataclasses.dataclass
+class Hw2p2Layout:
+    """The course's layout under `root` (see ../shared/ARCHITECTURE.md)."""
+
+    root: str
+
+    def path(self, *parts: str) -> str:
+        return os.path.join(self.root, *parts)
+
+    @property
+    def train(self) -> str:
+        return self.path("classification", "train")
+
+    @property
+    def dev(self) -> str:
+        return self.path("classification", "dev")
+
+    @property
+    def test(self) -> str:
+        return self.path("classification", "test")
+
+    @property
+    def known(self) -> str:
+        return self.path("verification", "known")
+
+    def unknown(self, split: str) -> str:
+        return self.path("verification", f"unknown_{split}")
+
+    @property
+    def dev_identities(self) -> str:
+        return self.path("verification", "dev_identities.csv")
+
+
+def hw2p2_files(d: ml_collections.ConfigDict) -> tuple[ImageFiles, ImageFiles | None]:
+    """(train, dev) scans of the classification folders, dev labelled with train's indices."""
+    layout = Hw2p2Layout(d.root)
+    train = _scan(d, layout.train)
+    if not os.path.isdir(layout.dev):
+        return train, None
+    dev = _scan(d, layout.dev)
+    position = {name: i for i, name in enumerate(train.names)}
+    strangers = [n for n in dev.names if n not in position]
+    if strangers:
+        raise ValueError(f"{layout.dev} has identities that classification/train lacks: "
+                         f"{strangers[:3]}; dev images must be of training identities")
+    labels = np.array([position[dev.names[c]] for c in dev.labels], np.int32)
+    return train, dataclasses.replace(dev, names=train.names, labels=labels)
+
+
+def hw2p2_dataset(d: ml_collections.ConfigDict, image_size: int) -> FaceDataset:
+    """Train on classification/train, classify classification/dev, verify on verification/known
+    (identities other than the training ones, in the course's data)."""
+    train, dev = hw2p2_files(d)
+    layout = Hw2p2Layout(d.root)
+    unseen = None
+    if os.path.isdir(layout.known):
+        unseen = ImageFileSource(_scan(d, layout.known), **_decoding(d, image_size))
+    make = lambda files: ImageFileSource(files, **_decoding(d, image_size))  # noqa: E731
+    return FaceDataset(f"hw2p2:{d.root}", len(train.names), make(train),
+                       make(dev) if dev is not None else None, unseen)
+
+
+def lfw_identities_in_pairs(path: str) -> set[str]:
+    from jfacerec.protocols import read_lfw_pairs
+
+    return {name for fold in read_lfw_pairs(path) for pair in fold for name in pair.names}
+
+
+def lfw_dataset(d: ml_collections.ConfigDict, image_size: int) -> FaceDataset:
+    """LFW for training: every identity outside the pairs file `pairs` with `min_images` or more
+    images; `test_images` of each held out; the pairs file's identities as the unseen set."""
+    everyone = _scan(d, d.root)
+    held = lfw_identities_in_pairs(d.pairs) if d.get("pairs") else set()
+    outside = tuple(n for n in everyone.names if n not in held)
+    files = _scan(d, d.root, identities=outside, min_images=d.get("min_images", 1))
+    train, test = _held_out_split(d, files, image_size)
+    unseen = None
+    if held:
+        unseen = ImageFileSource(_scan(d, d.root, identities=tuple(sorted(held))),
+                                 **_decoding(d, image_size))
+    return FaceDataset("lfw", len(files.names), train, test, unseen)
+
+
+def orl_dataset(d: ml_collections.ConfigDict, image_size: int) -> FaceDataset:
+    """AT&T/ORL (s1..s40, 10 images each): `train_images` random images of each of the first
+    `known_identities` subjects (in a random order drawn from `split`) train, their other
+    images test; the remaining subjects are the unseen (open-set unknown) ones."""
+    files = _scan(d, d.root)
+    rng = np.random.default_rng(d.get("split", 0))
+    order = rng.permutation(len(files.names))
+    known = np.sort(order[:d.get("known_identities", len(files.names))])
+    in_known = np.isin(files.labels, known)
+    known_idx = np.flatnonzero(in_known)
+    per_identity = int(np.bincount(files.labels).max())
+    kept, held = split_per_identity(files.labels[known_idx],
+                                    per_identity - d.get("train_images", 5), rng)
+    make = lambda idx: ImageFileSource(files.subset(idx, relabel=True),  # noqa: E731
+                                       **_decoding(d, image_size))
+    unknown_idx = np.flatnonzero(~in_known)
+    return FaceDataset("orl", len(known), make(known_idx[kept]), make(known_idx[held]),
+                       make(unknown_idx) if len(unknown_idx) else None)
+
+
+def tfds_dataset(d: ml_collections.ConfigDict, image_size: int) -> FaceDataset:
+    """`tfds.data_source(d.tfds_name)`: `split` trains (less `test_images` per identity);
+    `unseen_split`, if given, holds other identities for verification."""
+    make = lambda split: TfdsSource(d.tfds_name, split, size=image_size,  # noqa: E731
+                                    data_dir=d.get("data_dir") or None,
+                                    image_key=d.get("image_key", "image"),
+                                    label_key=d.get("label_key", "label"),
+                                    crop_fraction=d.get("crop_fraction", 1.0))
+    everything = make(d.get("split", "train"))
+    kept, held = split_per_identity(everything.labels(), d.get("test_images", 0))
+    return FaceDataset(f"tfds:{d.tfds_name}", len(everything.names), Subset(everything, kept),
+                       Subset(everything, held) if len(held) else None,
+                       make(d.unseen_split) if d.get("unseen_split") else None)
+
+
 _DATASETS: dict[str, Callable[[ml_collections.ConfigDict, int], FaceDataset]] = {
     "synthetic": synthetic_dataset,
+    "folder": folder_dataset,
+    "arrayrecord": arrayrecord_dataset,
+    "hw2p2": hw2p2_dataset,
+    "lfw": lfw_dataset,
+    "orl": orl_dataset,
+    "tfds": tfds_dataset,
 }
 
 
