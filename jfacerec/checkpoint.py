@@ -43,6 +43,15 @@ class Checkpointer:
             data=ocp.args.JsonSave(data_state or {}),
             meta=ocp.args.JsonSave(meta)))
 
+    def meta(self, step: int | None = None) -> dict:
+        """The format version, step and parameter shapes saved with a checkpoint (newest by
+        default), without reading the arrays."""
+        step = self.latest_step() if step is None else step
+        if step is None:
+            raise FileNotFoundError(f"no checkpoint in {self.directory}")
+        meta = self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
+        return meta["meta"]
+
     def restore(self, abstract_state: Any, step: int | None = None) -> tuple[Any, dict, int]:
         """Restores (state, data_state, step) into the shapes and shardings of `abstract_state`.
 
@@ -53,8 +62,7 @@ class Checkpointer:
         if step is None:
             raise FileNotFoundError(f"no checkpoint in {self.directory}")
         where = os.path.join(self.directory, str(step))
-        meta = self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
-        meta = meta["meta"]
+        meta = self.meta(step)
         if meta.get("format_version") != FORMAT_VERSION:
             raise ValueError(f"checkpoint {where} has format version {meta.get('format_version')}, "
                              f"this jfacerec reads version {FORMAT_VERSION}")

@@ -6,12 +6,29 @@ that their modules can be imported side by side.
 
 from __future__ import annotations
 
+import ml_collections
 from absl import flags
 from ml_collections import config_flags
 
 
 def config_and_workdir_flags(config_help: str, workdir_help: str) -> None:
-    """Defines the required --config (overridable as --config.KEY=VALUE) and --workdir."""
+    """Defines the required --config (overridable as --config.KEY=VALUE), --workdir and
+    --strict."""
     config_flags.DEFINE_config_file("config", None, config_help, lock_config=True)
     flags.DEFINE_string("workdir", None, workdir_help)
+    strict_flag()
     flags.mark_flags_as_required(["config", "workdir"])
+
+
+def strict_flag() -> None:
+    flags.DEFINE_bool("strict", False, "Stop at the first unreadable image file instead of "
+                      "skipping it with a warning.")
+
+
+def config_from_flags() -> ml_collections.ConfigDict:
+    """--config with --strict applied to its dataset."""
+    config = flags.FLAGS.config
+    if flags.FLAGS.strict:
+        with config.unlocked():
+            config.dataset.strict = True
+    return config

@@ -20,7 +20,7 @@ import numpy as np
 from absl import app, flags, logging
 
 from jfacerec import matcher, metrics, parallel, protocols, report
-from jfacerec.cli import config_and_workdir_flags
+from jfacerec.cli import config_and_workdir_flags, config_from_flags
 from jfacerec.data import sources
 from jfacerec.data.pipeline import eval_batches
 from jfacerec.inference import make_embed_fn, make_logits_fn, restore, run_over
@@ -104,6 +104,7 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float
         results["baseline/pixel_auc"] = metrics.roc_auc(pixel_scores, same)
         results.update(open_set_metrics(embeddings, labels, config.seed))
         threshold, _ = metrics.best_threshold(scores, same)
+        results["verification/threshold"] = threshold
         report.roc_plot(os.path.join(out_dir, "roc.png"),
                         {config.model.name: (scores, same), "raw pixels": (pixel_scores, same)})
         report.score_histogram(os.path.join(out_dir, "scores.png"), scores, same, threshold)
@@ -128,7 +129,7 @@ def main(argv):
     parallel.maybe_initialize_distributed()
     logging.set_verbosity(logging.WARNING)
     try:
-        results = evaluate(flags.FLAGS.config, flags.FLAGS.workdir)
+        results = evaluate(config_from_flags(), flags.FLAGS.workdir)
     except (FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1)

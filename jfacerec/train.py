@@ -10,7 +10,7 @@ import sys
 from absl import app, flags, logging
 
 from jfacerec import parallel
-from jfacerec.cli import config_and_workdir_flags
+from jfacerec.cli import config_and_workdir_flags, config_from_flags
 
 
 def main(argv):
@@ -19,8 +19,8 @@ def main(argv):
     from jfacerec.training import NonFiniteLossError, train  # after distributed init
     logging.set_verbosity(logging.WARNING)
     try:
-        train(flags.FLAGS.config, flags.FLAGS.workdir)
-    except NonFiniteLossError as e:
+        train(config_from_flags(), flags.FLAGS.workdir)
+    except (NonFiniteLossError, FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1)
 

@@ -224,6 +224,16 @@ def write_config(config: ml_collections.ConfigDict, workdir: str) -> None:
             f.write(config.to_json_best_effort(indent=2, sort_keys=True) + "\n")
 
 
+IDENTITIES_FILE = "identities.json"
+
+
+def write_identities(names: tuple[str, ...] | None, workdir: str) -> None:
+    """The training identities' names (class i is names[i]), for predictions by name."""
+    if names is not None and jax.process_index() == 0:
+        with open(os.path.join(workdir, IDENTITIES_FILE), "w") as f:
+            json.dump(list(names), f)
+
+
 def train(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
     """Trains (or resumes) the model of `config`, writing everything under `workdir`."""
     # -- Workdir and logging ----------------------------------------------------------------------
@@ -246,6 +256,8 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
         process_index=jax.process_index(), process_count=jax.process_count(),
         sampler=config.input.get("sampler", "random"), pk_images=config.input.get("pk_images", 4))
     data_iter = iter(train_ds)
+    _say(f"training data: {dataset.train!r}")
+    write_identities(dataset.names, workdir)
 
     # -- Model, optimizer, shardings and the jitted step ------------------------------------------
     model, tx, abstract = abstract_train_state(config, dataset.num_classes, mesh)

@@ -17,18 +17,21 @@ import grain
 import jax
 import numpy as np
 from jax.sharding import NamedSharding
-from PIL import Image
-
+from jfacerec.data.images import resize
 from jfacerec.data.sources import Source, labels_of
 
 
 @dataclasses.dataclass(frozen=True)
 class Augment:
-    """Training augmentation. `min_scale`: the smallest crop side, as a fraction of the image."""
+    """Training augmentation. `min_scale`: the smallest crop side, as a fraction of the image.
+    brightness, contrast, saturation: the largest relative change of each (0 leaves it alone)."""
 
     flip: bool = True
     min_scale: float = 0.8
     max_aspect_change: float = 0.1
+    brightness: float = 0.0
+    contrast: float = 0.0
+    saturation: float = 0.0
 
 
 def normalize(images: np.ndarray) -> np.ndarray:
@@ -36,17 +39,31 @@ def normalize(images: np.ndarray) -> np.ndarray:
     return images.astype(np.float32) * (2.0 / 255.0) - 1.0
 
 
-def resize(image: np.ndarray, size: int) -> np.ndarray:
-    """Bilinear (antialiased) resize of uint8 [h, w, 3] to [size, size, 3]; a no-op at that size."""
-    if image.shape[0] == size and image.shape[1] == size:
+_LUMA = np.array([0.299, 0.587, 0.114], np.float32)
+
+
+def color_jitter(image: np.ndarray, rng: np.random.Generator, augment: Augment) -> np.ndarray:
+    """Random brightness, contrast and saturation changes of uint8 [h, w, 3]; the generator is
+    only drawn from for the changes that are on."""
+    if not (augment.brightness or augment.contrast or augment.saturation):
         return image
-    return np.asarray(Image.fromarray(image).resize((size, size), Image.BILINEAR))
+    x = image.astype(np.float32)
+    if augment.brightness:
+        x *= rng.uniform(1.0 - augment.brightness, 1.0 + augment.brightness)
+    if augment.contrast:
+        mean = float(np.mean(x @ _LUMA))
+        x = (x - mean) * rng.uniform(1.0 - augment.contrast, 1.0 + augment.contrast) + mean
+    if augment.saturation:
+        grey = (x @ _LUMA)[..., None]
+        x = grey + (x - grey) * rng.uniform(1.0 - augment.saturation, 1.0 + augment.saturation)
+    return np.round(np.clip(x, 0.0, 255.0)).astype(np.uint8)
 
 
 def random_crop_flip(image: np.ndarray, rng: np.random.Generator, size: int,
                      augment: Augment) -> np.ndarray:
     """A random crop (side min_scale..1 of the image, aspect within 1 +- max_aspect_change) resized
-    to [size, size, 3], flipped left-right with probability 1/2 when `augment.flip`."""
+    to [size, size, 3], flipped left-right with probability 1/2 when `augment.flip`, then color
+    jitter."""
     h, w = image.shape[:2]
     scale = rng.uniform(augment.min_scale, 1.0)
     aspect = rng.uniform(1.0 - augment.max_aspect_change, 1.0 + augment.max_aspect_change)
@@ -57,7 +74,7 @@ def random_crop_flip(image: np.ndarray, rng: np.random.Generator, size: int,
     crop = image[top:top + ch, left:left + cw]
     if augment.flip and rng.uniform() < 0.5:
         crop = crop[:, ::-1]
-    return resize(np.ascontiguousarray(crop), size)
+    return color_jitter(resize(np.ascontiguousarray(crop), size), rng, augment)
 
 
 class _TrainTransform(grain.transforms.RandomMap):

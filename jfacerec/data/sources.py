@@ -265,6 +265,7 @@ class FaceDataset:
     train: images of the training identities, labels 0..num_classes-1.
     test: other images of the same identities (closed-set classification), or None.
     unseen: images of identities never trained on (verification and open set), or None.
+    names: the training identities' names (class i is names[i]), where the data has names.
     """
 
     name: str
@@ -272,6 +273,7 @@ class FaceDataset:
     train: Source
     test: Source | None
     unseen: Source | None
+    names: tuple[str, ...] | None = None
 
 
 def labels_of(source: Source) -> np.ndarray:
@@ -331,7 +333,7 @@ def folder_dataset(d: ml_collections.ConfigDict, image_size: int) -> FaceDataset
     unseen = None
     if d.get("unseen_root"):
         unseen = ImageFileSource(_scan(d, d.unseen_root), **_decoding(d, image_size))
-    return FaceDataset(f"folder:{d.root}", len(files.names), train, test, unseen)
+    return FaceDataset(f"folder:{d.root}", len(files.names), train, test, unseen, files.names)
 
 
 def arrayrecord_dataset(d: ml_collections.ConfigDict, image_size: int) -> FaceDataset:
@@ -344,7 +346,7 @@ def arrayrecord_dataset(d: ml_collections.ConfigDict, image_size: int) -> FaceDa
     if d.get("unseen_root"):
         unseen = ArrayRecordSource(d.unseen_root, **_decoding(d, image_size))
     return FaceDataset(f"arrayrecord:{d.root}", len(everything.names), make(kept),
-                       make(held) if len(held) else None, unseen)
+                       make(held) if len(held) else None, unseen, tuple(everything.names))
 
 
 def read_id_label_csv(path: str) -> dict[str, str]:
@@ -417,7 +419,7 @@ def hw2p2_dataset(d: ml_collections.ConfigDict, image_size: int) -> FaceDataset:
         unseen = ImageFileSource(_scan(d, layout.known), **_decoding(d, image_size))
     make = lambda files: ImageFileSource(files, **_decoding(d, image_size))  # noqa: E731
     return FaceDataset(f"hw2p2:{d.root}", len(train.names), make(train),
-                       make(dev) if dev is not None else None, unseen)
+                       make(dev) if dev is not None else None, unseen, train.names)
 
 
 def lfw_identities_in_pairs(path: str) -> set[str]:
@@ -438,7 +440,7 @@ def lfw_dataset(d: ml_collections.ConfigDict, image_size: int) -> FaceDataset:
     if held:
         unseen = ImageFileSource(_scan(d, d.root, identities=tuple(sorted(held))),
                                  **_decoding(d, image_size))
-    return FaceDataset("lfw", len(files.names), train, test, unseen)
+    return FaceDataset("lfw", len(files.names), train, test, unseen, files.names)
 
 
 def orl_dataset(d: ml_collections.ConfigDict, image_size: int) -> FaceDataset:
@@ -458,7 +460,8 @@ def orl_dataset(d: ml_collections.ConfigDict, image_size: int) -> FaceDataset:
                                        **_decoding(d, image_size))
     unknown_idx = np.flatnonzero(~in_known)
     return FaceDataset("orl", len(known), make(known_idx[kept]), make(known_idx[held]),
-                       make(unknown_idx) if len(unknown_idx) else None)
+                       make(unknown_idx) if len(unknown_idx) else None,
+                       tuple(files.names[i] for i in known))
 
 
 def tfds_dataset(d: ml_collections.ConfigDict, image_size: int) -> FaceDataset:
@@ -473,7 +476,8 @@ def tfds_dataset(d: ml_collections.ConfigDict, image_size: int) -> FaceDataset:
     kept, held = split_per_identity(everything.labels(), d.get("test_images", 0))
     return FaceDataset(f"tfds:{d.tfds_name}", len(everything.names), Subset(everything, kept),
                        Subset(everything, held) if len(held) else None,
-                       make(d.unseen_split) if d.get("unseen_split") else None)
+                       make(d.unseen_split) if d.get("unseen_split") else None,
+                       tuple(everything.names))
 
 
 _DATASETS: dict[str, Callable[[ml_collections.ConfigDict, int], FaceDataset]] = {

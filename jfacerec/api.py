@@ -1,0 +1,194 @@
+"""The Python API: a trained model as an object that embeds, verifies and identifies faces.
+
+    import jfacerec
+    model = jfacerec.load("workdirs/demo")
+    emb = model.embed(["a.jpg", "b.jpg"])           # float32 [2, dim], unit norm
+    score, same = model.verify("a.jpg", "b.jpg")     # cosine, and same person at the threshold
+    matches = model.identify(["q.jpg"], "gallery.npz")
+
+Images may be file paths, PIL images or arrays (uint8, or float in [0, 1]; grey or RGB). They are
+cropped to the face and resized exactly as in training (the workdir's config.json).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+from typing import Any, Sequence
+
+import jax
+import ml_collections
+import numpy as np
+
+from jfacerec.checkpoint import Checkpointer
+from jfacerec.data import images as image_io
+from jfacerec.data.folders import ImageFiles
+from jfacerec.data.pipeline import normalize
+from jfacerec.data.sources import ImageFileSource
+from jfacerec.inference import Restored, make_embed_fn, make_logits_fn, restore, run_over
+from jfacerec.training import IDENTITIES_FILE
+
+# The label of a query that matches no enrolled identity (the HW2P2 course's convention).
+UNKNOWN = "n000000"
+
+ImageLike = Any  # a path, a PIL image, or an array [h, w] / [h, w, 1|3|4]
+
+
+@dataclasses.dataclass(frozen=True)
+class Match:
+    """The best enrolled identity for a query: `name` is UNKNOWN below the threshold."""
+
+    name: str
+    score: float
+    candidates: tuple[tuple[str, float], ...]  # the top-k (name, score), best first
+
+    @property
+    def known(self) -> bool:
+        return self.name != UNKNOWN
+
+
+def read_config(workdir: str) -> ml_collections.ConfigDict:
+    path = os.path.join(workdir, "config.json")
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path}: not a training workdir (no config.json); train with "
+                                f"python -m jfacerec.train --config ... --workdir {workdir}")
+    with open(path) as f:
+        return ml_collections.ConfigDict(json.load(f))
+
+
+def fingerprint(params: Any) -> str:
+    """A hash of every parameter's path, shape, dtype and values: equal exactly for the same
+    weights, so embeddings from two models are never mixed up."""
+    digest = hashlib.sha256()
+    for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
+        array = np.asarray(leaf)
+        digest.update(f"{jax.tree_util.keystr(path)}{array.shape}{array.dtype}".encode())
+        digest.update(np.ascontiguousarray(array).tobytes())
+    return digest.hexdigest()[:16]
+
+
+class FaceRecognizer:
+    """A trained model restored from a workdir (see `load`)."""
+
+    def __init__(self, workdir: str, *, threshold: float | None = None, step: int | None = None,
+                 batch_size: int = 64):
+        self.workdir = workdir
+        self.config = read_config(workdir)
+        meta = Checkpointer(workdir).meta(step)
+        kernel = next(shape for key, shape in meta["param_shapes"].items()
+                      if key.startswith("['classifier']") and key.endswith("['kernel']"))
+        self.num_classes = kernel[-1]
+        self._restored: Restored = restore(self.config, workdir, self.num_classes)
+        self.step = self._restored.step
+        self.image_size = int(self.config.image_size)
+        self.crop_fraction = float(self.config.dataset.get("crop_fraction", 1.0))
+        self.flip = bool(self.config.eval.flip)
+        self.batch_size = batch_size
+        self.embedding_dim = int(self._restored.model.embedding_dim)
+        self.fingerprint = fingerprint(self._restored.variables["params"])
+        self.threshold = threshold if threshold is not None else self._calibrated_threshold()
+        self._embed = make_embed_fn(self._restored.model, flip=self.flip)
+        self._logits = make_logits_fn(self._restored.model, flip=self.flip)
+        names_path = os.path.join(workdir, IDENTITIES_FILE)
+        self.class_names: list[str] | None = None
+        if os.path.isfile(names_path):
+            with open(names_path) as f:
+                self.class_names = json.load(f)
+
+    def _calibrated_threshold(self) -> float | None:
+        path = os.path.join(self.workdir, "eval", "metrics.json")
+        if os.path.isfile(path):
+            with open(path) as f:
+                return json.load(f).get("verification/threshold")
+        return None
+
+    def __repr__(self) -> str:
+        return (f"FaceRecognizer({self.config.model.name}, step {self.step}, "
+                f"dim {self.embedding_dim}, fingerprint {self.fingerprint})")
+
+    # -- Embeddings ------------------------------------------------------------------------------
+
+    def preprocess(self, image: ImageLike) -> np.ndarray:
+        """One image -> uint8 [size, size, 3], cropped to the face as in training."""
+        if isinstance(image, (str, os.PathLike)):
+            return image_io.load_face(image, crop_fraction=self.crop_fraction,
+                                      size=self.image_size)
+        face = image_io.center_crop(image_io.as_rgb_array(image), self.crop_fraction)
+        return image_io.resize(np.ascontiguousarray(face), self.image_size)
+
+    def _apply(self, fn, images: np.ndarray) -> np.ndarray:
+        """fn over uint8 [n, size, size, 3] in fixed-size batches (one compilation)."""
+        out = []
+        for start in range(0, len(images), self.batch_size):
+            chunk = normalize(images[start:start + self.batch_size])
+            n = len(chunk)
+            chunk = np.pad(chunk, ((0, self.batch_size - n), (0, 0), (0, 0), (0, 0)))
+            out.append(np.asarray(fn(self._restored.variables, chunk))[:n])
+        return np.concatenate(out)
+
+    def embed(self, images: ImageLike | Sequence[ImageLike]) -> np.ndarray:
+        """Unit-norm embeddings float32 [n, dim] (flip-averaged when the config says so).
+
+        A single image gives [1, dim]; a uint8 array [n, h, w, 3] is n images.
+        """
+        if isinstance(images, np.ndarray) and images.ndim == 4:
+            images = list(images)
+        elif not isinstance(images, (list, tuple)):
+            images = [images]
+        if not images:
+            return np.zeros((0, self.embedding_dim), np.float32)
+        if all(isinstance(x, (str, os.PathLike)) for x in images):
+            return self.embed_files([os.fspath(x) for x in images])
+        return self._apply(self._embed, np.stack([self.preprocess(x) for x in images]))
+
+    def embed_files(self, paths: Sequence[str], *, desc: str = "embed") -> np.ndarray:
+        """Embeddings float32 [n, dim] of image files, decoded in parallel by the input
+        pipeline."""
+        files = ImageFiles("", (), tuple(paths), np.zeros(len(paths), np.int32))
+        source = ImageFileSource(files, size=self.image_size, crop_fraction=self.crop_fraction)
+        embeddings, _ = run_over(self._embed, self._restored.variables, source,
+                                 batch_size=self.batch_size, image_size=self.image_size,
+                                 mesh=self._restored.mesh, desc=desc)
+        return embeddings
+
+    # -- The three jobs --------------------------------------------------------------------------
+
+    def verify(self, image_a: ImageLike, image_b: ImageLike,
+               threshold: float | None = None) -> tuple[float, bool]:
+        """(cosine score, same person?) at `threshold`, or the one calibrated by evaluate."""
+        threshold = self.threshold if threshold is None else threshold
+        if threshold is None:
+            raise ValueError(f"no calibrated threshold for {self.workdir}: run python -m "
+                             f"jfacerec.evaluate on it, or pass threshold= to load() or verify()")
+        a, b = self.embed([image_a, image_b])
+        score = float(np.dot(a, b))
+        return score, score >= threshold
+
+    def classify(self, images: ImageLike | Sequence[ImageLike]) -> list[str]:
+        """The training identity of each image (closed set), by name where names are known."""
+        if not isinstance(images, (list, tuple)):
+            images = [images]
+        logits = self._apply(self._logits, np.stack([self.preprocess(x) for x in images]))
+        best = np.argmax(logits, -1)
+        return [self.class_names[i] if self.class_names else str(i) for i in best]
+
+    def identify(self, images: ImageLike | Sequence[ImageLike], gallery, *,
+                 threshold: float | None = None, k: int = 1) -> list[Match]:
+        """The best enrolled identity of each image, UNKNOWN below the threshold (the given one,
+        else the gallery's, else the calibrated verification threshold). `gallery`: a Gallery or
+        the path of a gallery file made with this model."""
+        from jfacerec.gallery import Gallery
+
+        if isinstance(gallery, (str, os.PathLike)):
+            gallery = Gallery.load(os.fspath(gallery))
+        gallery.check_compatible(self)
+        return gallery.identify(self.embed(images), k=k,
+                                threshold=gallery.resolve_threshold(threshold, self.threshold))
+
+
+def load(workdir: str, *, threshold: float | None = None, step: int | None = None,
+         batch_size: int = 64) -> FaceRecognizer:
+    """The model trained in `workdir` (newest checkpoint, or `step`)."""
+    return FaceRecognizer(workdir, threshold=threshold, step=step, batch_size=batch_size)
