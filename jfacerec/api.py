@@ -184,8 +184,8 @@ class FaceRecognizer:
         if isinstance(gallery, (str, os.PathLike)):
             gallery = Gallery.load(os.fspath(gallery))
         gallery.check_compatible(self)
-        return gallery.identify(self.embed(images), k=k,
-                                threshold=gallery.resolve_threshold(threshold, self.threshold))
+        threshold = gallery.resolve_threshold(threshold, self.threshold)
+        return gallery.identify(self.embed(images), k=k, threshold=threshold)
 
 
 def load(workdir: str, *, threshold: float | None = None, step: int | None = None,
