@@ -143,15 +143,17 @@ class FaceRecognizer:
             return self.embed_files([os.fspath(x) for x in images])
         return self._apply(self._embed, np.stack([self.preprocess(x) for x in images]))
 
-    def embed_files(self, paths: Sequence[str], *, desc: str = "embed") -> np.ndarray:
-        """Embeddings float32 [n, dim] of image files, decoded in parallel by the input
-        pipeline."""
+    def _run_files(self, fn, paths: Sequence[str], desc: str) -> np.ndarray:
+        """fn over image files, decoded in parallel by the input pipeline."""
         files = ImageFiles("", (), tuple(paths), np.zeros(len(paths), np.int32))
         source = ImageFileSource(files, size=self.image_size, crop_fraction=self.crop_fraction)
-        embeddings, _ = run_over(self._embed, self._restored.variables, source,
-                                 batch_size=self.batch_size, image_size=self.image_size,
-                                 mesh=self._restored.mesh, desc=desc)
-        return embeddings
+        outputs, _ = run_over(fn, self._restored.variables, source, batch_size=self.batch_size,
+                              image_size=self.image_size, mesh=self._restored.mesh, desc=desc)
+        return outputs
+
+    def embed_files(self, paths: Sequence[str], *, desc: str = "embed") -> np.ndarray:
+        """Embeddings float32 [n, dim] of image files."""
+        return self._run_files(self._embed, paths, desc)
 
     # -- The three jobs --------------------------------------------------------------------------
 
@@ -170,7 +172,15 @@ class FaceRecognizer:
         """The training identity of each image (closed set), by name where names are known."""
         if not isinstance(images, (list, tuple)):
             images = [images]
-        logits = self._apply(self._logits, np.stack([self.preprocess(x) for x in images]))
+        if all(isinstance(x, (str, os.PathLike)) for x in images):
+            return self.classify_files([os.fspath(x) for x in images])
+        return self._names(self._apply(self._logits,
+                                       np.stack([self.preprocess(x) for x in images])))
+
+    def classify_files(self, paths: Sequence[str], *, desc: str = "classify") -> list[str]:
+        return self._names(self._run_files(self._logits, paths, desc))
+
+    def _names(self, logits: np.ndarray) -> list[str]:
         best = np.argmax(logits, -1)
         return [self.class_names[i] if self.class_names else str(i) for i in best]
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+from typing import Callable, Sequence
 
 import numpy as np
 
@@ -135,4 +136,17 @@ def read_lfw_pairs(path: str) -> list[list[LfwPair]]:
     for i, fold in enumerate(out):
         if [p.same for p in fold] != [True] * n + [False] * n:
             raise ValueError(f"{path}: fold {i} is not {n} matched then {n} mismatched pairs")
+    return out
+
+
+def thresholds_from_other_folds(folds: Sequence[tuple[np.ndarray, ...]],
+                                choose: Callable[..., float]) -> list[float]:
+    """For each fold, `choose(*arrays)` on the other folds' arrays concatenated: the standard
+    protocol's threshold, never fitted on the fold it is applied to. Needs two folds or more."""
+    if len(folds) < 2:
+        raise ValueError("thresholds from other folds need at least two folds")
+    out = []
+    for i in range(len(folds)):
+        others = [f for j, f in enumerate(folds) if j != i]
+        out.append(float(choose(*(np.concatenate(parts) for parts in zip(*others)))))
     return out

@@ -195,46 +195,6 @@ class ArrayRecordSource(_DecodedSource):
                f"{self.directory})"
 
 
-class TfdsSource:
-    """A TensorFlow Datasets data source (`tfds.data_source`, array_record format, no TensorFlow
-    needed to read). Text labels are mapped to indices in sorted order."""
-
-    def __init__(self, name: str, split: str, *, size: int, data_dir: str | None = None,
-                 image_key: str = "image", label_key: str = "label", crop_fraction: float = 1.0):
-        try:
-            import tensorflow_datasets as tfds
-        except ImportError:
-            raise ImportError("the tfds dataset needs tensorflow-datasets: "
-                              "pip install 'jfacerec[tfds]'") from None
-        self.description = f"tfds:{name}[{split}]"
-        self.records = tfds.data_source(name, split=split, data_dir=data_dir)
-        self.image_key, self.size, self.crop_fraction = image_key, size, crop_fraction
-        raw = [self.records[i][label_key] for i in range(len(self.records))]
-        if raw and isinstance(raw[0], (bytes, str)):
-            text = [r.decode() if isinstance(r, bytes) else r for r in raw]
-            self.names = sorted(set(text))
-            self._labels = np.searchsorted(np.array(self.names), np.array(text)).astype(np.int32)
-        else:
-            self._labels = np.asarray(raw, np.int32)
-            self.names = [str(i) for i in range(int(self._labels.max(initial=-1)) + 1)]
-
-    def __len__(self) -> int:
-        return len(self._labels)
-
-    def labels(self) -> np.ndarray:
-        return self._labels
-
-    def __getitem__(self, index: int) -> dict[str, np.ndarray]:
-        from jfacerec.data.images import as_rgb_array, center_crop, resize
-
-        image = as_rgb_array(self.records[int(index)][self.image_key])
-        face = resize(np.ascontiguousarray(center_crop(image, self.crop_fraction)), self.size)
-        return {"image": face, "label": self._labels[int(index)]}
-
-    def __repr__(self) -> str:
-        return f"TfdsSource({self.description}, {len(self)} records)"
-
-
 class Subset:
     """Records `indices` of another source, relabelled 0.. over the identities present."""
 
@@ -422,17 +382,23 @@ def hw2p2_dataset(d: ml_collections.ConfigDict, image_size: int) -> FaceDataset:
                        make(dev) if dev is not None else None, unseen, train.names)
 
 
-def lfw_identities_in_pairs(path: str) -> set[str]:
+def lfw_identities_in_pairs(path: str, fold: int = -1) -> set[str]:
+    """The people in a pairs file's fold (every fold when `fold` is -1)."""
     from jfacerec.protocols import read_lfw_pairs
 
-    return {name for fold in read_lfw_pairs(path) for pair in fold for name in pair.names}
+    folds = read_lfw_pairs(path)
+    if not -1 <= fold < len(folds):
+        raise ValueError(f"{path} has {len(folds)} folds; fold {fold} does not exist")
+    chosen = folds if fold == -1 else [folds[fold]]
+    return {name for pairs in chosen for pair in pairs for name in pair.names}
 
 
 def lfw_dataset(d: ml_collections.ConfigDict, image_size: int) -> FaceDataset:
-    """LFW for training: every identity outside the pairs file `pairs` with `min_images` or more
-    images; `test_images` of each held out; the pairs file's identities as the unseen set."""
+    """LFW for training: every identity outside fold `fold` of the pairs file `pairs` (all its
+    folds when -1) with `min_images` or more images; `test_images` of each held out; the held-out
+    people as the unseen set."""
     everyone = _scan(d, d.root)
-    held = lfw_identities_in_pairs(d.pairs) if d.get("pairs") else set()
+    held = lfw_identities_in_pairs(d.pairs, d.get("fold", -1)) if d.get("pairs") else set()
     outside = tuple(n for n in everyone.names if n not in held)
     files = _scan(d, d.root, identities=outside, min_images=d.get("min_images", 1))
     train, test = _held_out_split(d, files, image_size)
@@ -465,19 +431,9 @@ def orl_dataset(d: ml_collections.ConfigDict, image_size: int) -> FaceDataset:
 
 
 def tfds_dataset(d: ml_collections.ConfigDict, image_size: int) -> FaceDataset:
-    """`tfds.data_source(d.tfds_name)`: `split` trains (less `test_images` per identity);
-    `unseen_split`, if given, holds other identities for verification."""
-    make = lambda split: TfdsSource(d.tfds_name, split, size=image_size,  # noqa: E731
-                                    data_dir=d.get("data_dir") or None,
-                                    image_key=d.get("image_key", "image"),
-                                    label_key=d.get("label_key", "label"),
-                                    crop_fraction=d.get("crop_fraction", 1.0))
-    everything = make(d.get("split", "train"))
-    kept, held = split_per_identity(everything.labels(), d.get("test_images", 0))
-    return FaceDataset(f"tfds:{d.tfds_name}", len(everything.names), Subset(everything, kept),
-                       Subset(everything, held) if len(held) else None,
-                       make(d.unseen_split) if d.get("unseen_split") else None,
-                       tuple(everything.names))
+    from jfacerec.data.tfds_source import tfds_dataset as build  # optional dependency
+
+    return build(d, image_size)
 
 
 _DATASETS: dict[str, Callable[[ml_collections.ConfigDict, int], FaceDataset]] = {

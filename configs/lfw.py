@@ -1,0 +1,47 @@
+"""LFW: train on the people outside a pairs file's fold, verify that fold's pairs.
+
+python -m jfacerec.benchmarks.lfw --config configs/lfw.py --workdir workdirs/lfw
+(View 1: pairsDevTest.txt; pass --pairs .../pairs.txt for View 2, --folds to pick folds.)
+Tuned on View 1 only, for about 30 minutes on a 2-core CPU (benchmarks/README.md).
+"runlocal" shrinks it to a smoke test.
+"""
+
+import os
+import sys
+
+import ml_collections
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from demo import get_config as demo_config  # noqa: E402
+
+
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+    c = demo_config()
+    lfw = os.path.join(os.environ.get("JFACEREC_DATA", os.path.join("..", "shared", "data")), "lfw")
+    c.image_size = 64
+    c.batch_size = 128
+    c.total_steps = 3000
+    c.checkpoint_every_steps = 500
+    c.log_every_steps = 50
+    c.model.update(name="resnet_tiny", embedding_dim=128, norm="batch", dropout=0.0)
+    c.loss.name = "softmax"
+    c.optimizer.update(learning_rate=0.1, warmup_steps=200)
+    c.dataset = ml_collections.ConfigDict(dict(
+        name="lfw", root=os.path.join(lfw, "lfw-deepfunneled"),
+        pairs=os.path.join(lfw, "pairsDevTest.txt"), fold=-1,
+        min_images=1, test_images=0,
+        # deep-funneled faces fill about the central half of the 250x250 frame
+        crop_fraction=0.5, check=True, strict=False, cache=True))
+    c.input.augment.update(flip=True, min_scale=0.8, max_aspect_change=0.1, brightness=0.2,
+                           contrast=0.2, saturation=0.2)
+    c.eval.update(batch_size=256, flip=True)
+
+    if arg == "runlocal":
+        c.image_size = 32
+        c.total_steps = 20
+        c.batch_size = 32
+        c.log_every_steps = 5
+        c.checkpoint_every_steps = 10
+        c.model.width_multiplier = 0.25
+    return c

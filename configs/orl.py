@@ -1,0 +1,46 @@
+"""AT&T/ORL faces: 40 subjects x 10 grey 92x112 images.
+
+python -m jfacerec.benchmarks.orl --config configs/orl.py --workdir workdirs/orl [--splits 10]
+Closed set: 5 training and 5 test images per subject, over random splits; open set: 30 known
+subjects, 10 unknown. Reported beside an eigenfaces baseline computed in the same run.
+"runlocal" shrinks it to a smoke test.
+"""
+
+import os
+import sys
+
+import ml_collections
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from demo import get_config as demo_config  # noqa: E402
+
+
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+    c = demo_config()
+    data = os.environ.get("JFACEREC_DATA", os.path.join("..", "shared", "data"))
+    c.image_size = 32
+    c.batch_size = 64
+    c.total_steps = 300
+    c.checkpoint_every_steps = 300
+    c.log_every_steps = 50
+    c.model.update(name="resnet_tiny", embedding_dim=64, norm="group", width_multiplier=0.5)
+    c.loss.name = "softmax"
+    c.optimizer.update(learning_rate=0.05, warmup_steps=30)
+    c.dataset = ml_collections.ConfigDict(dict(
+        name="orl", root=os.path.join(data, "att_faces"), split=0, known_identities=40,
+        open_set_known=30, train_images=5, crop_fraction=1.0, check=True, strict=False,
+        cache=True))
+    c.input.augment.update(flip=True, min_scale=0.85, max_aspect_change=0.1, brightness=0.2,
+                           contrast=0.2)
+    c.eval.update(batch_size=200, flip=True)
+    c.eigenfaces = ml_collections.ConfigDict(dict(components=40))
+
+    if arg == "runlocal":
+        c.image_size = 16
+        c.total_steps = 10
+        c.batch_size = 32
+        c.log_every_steps = 5
+        c.checkpoint_every_steps = 10
+        c.model.width_multiplier = 0.25
+    return c

@@ -1,0 +1,1 @@
+"""Accuracy protocols on public face datasets: `python -m jfacerec.benchmarks.lfw`, `.orl`."""

@@ -1,0 +1,140 @@
+"""python -m jfacerec.benchmarks.lfw --config configs/lfw.py --workdir W [--data DIR]
+    [--pairs FILE] [--folds 0,3]
+
+The LFW pairs protocol, unrestricted with labelled outside data drawn from LFW itself: for each
+fold of the pairs file, train on every image of the people who do not appear in that fold's pairs
+(W/fold_XX, resumable), then score the fold's pairs by the cosine of flip-averaged embeddings.
+
+Accuracy per fold uses a threshold chosen on the other evaluated folds (the standard protocol);
+with a single fold (View 1's pairsDevTest.txt, or one View 2 fold) it is chosen by 10-fold
+cross-validation within the fold's pairs. Also AUC, EER and TAR@FAR over all scored pairs.
+Writes W/lfw_results.json, W/lfw_roc.png and W/lfw_scores.png.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import sys
+import time
+
+import numpy as np
+from absl import app, flags, logging
+
+from jfacerec import metrics, protocols, report
+from jfacerec.api import load
+from jfacerec.atomic import atomic_open
+from jfacerec.cli import config_and_workdir_flags, config_from_flags
+
+
+def score_pairs(workdir: str, pairs: list[protocols.LfwPair], root: str) -> np.ndarray:
+    """Cosine scores [len(pairs)] of the model trained in `workdir`."""
+    paths = [p for pair in pairs for p in pair.paths(root)]
+    unique = sorted(set(paths))
+    position = {p: i for i, p in enumerate(unique)}
+    embeddings = load(workdir).embed_files(unique, desc="pairs")
+    first = embeddings[[position[p] for p in paths[0::2]]]
+    second = embeddings[[position[p] for p in paths[1::2]]]
+    return np.sum(first * second, axis=-1)
+
+
+def fold_accuracies(scores: list[np.ndarray], same: list[np.ndarray]) -> tuple[list[float],
+                                                                              list[float]]:
+    """(accuracy, threshold) per fold, thresholds chosen as the module docstring says."""
+    if len(scores) == 1:
+        kfold = metrics.kfold_accuracy(scores[0], same[0], 10)
+        return [kfold.mean], [float(np.median(kfold.thresholds))]
+    thresholds = protocols.thresholds_from_other_folds(
+        list(zip(scores, same)), lambda s, y: metrics.best_threshold(s, y)[0])
+    accuracies = [float(np.mean((s >= t) == y)) for s, y, t in zip(scores, same, thresholds)]
+    return accuracies, thresholds
+
+
+def run(config, workdir: str, folds: list[int] | None = None) -> dict:
+    """Trains and scores the selected folds (all by default); returns the results dict."""
+    from jfacerec.training import train  # deferred: after distributed initialisation
+
+    all_folds = protocols.read_lfw_pairs(config.dataset.pairs)
+    folds = list(range(len(all_folds))) if folds is None else folds
+    if bad := [f for f in folds if not 0 <= f < len(all_folds)]:
+        raise ValueError(f"{config.dataset.pairs} has {len(all_folds)} folds; no fold {bad}")
+    scores, same, durations = [], [], []
+    for fold in folds:
+        fold_config = copy.deepcopy(config)
+        fold_config.dataset.fold = fold
+        fold_dir = os.path.join(workdir, f"fold_{fold:02d}")
+        start = time.time()
+        train(fold_config, fold_dir)
+        pairs = all_folds[fold]
+        scores.append(score_pairs(fold_dir, pairs, config.dataset.root))
+        same.append(np.array([p.same for p in pairs]))
+        durations.append(time.time() - start)
+    accuracies, thresholds = fold_accuracies(scores, same)
+    all_scores, all_same = np.concatenate(scores), np.concatenate(same)
+    results = {
+        "pairs_file": os.path.abspath(config.dataset.pairs),
+        "folds": folds,
+        "threshold_selection": "10-fold cross-validation within the fold" if len(folds) == 1
+                               else "best threshold on the other evaluated folds",
+        "flip_averaged": bool(config.eval.flip),
+        "per_fold": [{"fold": f, "accuracy": a, "threshold": t, "num_pairs": len(s),
+                      "auc": metrics.roc_auc(s, y), "seconds": d}
+                     for f, a, t, s, y, d in zip(folds, accuracies, thresholds, scores, same,
+                                                 durations)],
+        "accuracy_mean": float(np.mean(accuracies)),
+        "accuracy_std": float(np.std(accuracies)),
+        "auc": metrics.roc_auc(all_scores, all_same),
+        "eer": metrics.eer(all_scores, all_same),
+        "tar@far=1e-2": metrics.tar_at_far(all_scores, all_same, 1e-2),
+        "tar@far=1e-3": metrics.tar_at_far(all_scores, all_same, 1e-3),
+    }
+    if len(folds) == 1:
+        kfold = metrics.kfold_accuracy(scores[0], same[0], 10)
+        results["accuracy_mean"], results["accuracy_std"] = kfold.mean, kfold.std
+    with atomic_open(os.path.join(workdir, "lfw_results.json")) as f:
+        json.dump(results, f, indent=2)
+    report.roc_plot(os.path.join(workdir, "lfw_roc.png"),
+                    {f"{config.model.name} (LFW)": (all_scores, all_same)})
+    report.score_histogram(os.path.join(workdir, "lfw_scores.png"), all_scores, all_same,
+                           float(np.median(thresholds)))
+    return results
+
+
+def main(argv):
+    del argv
+    from jfacerec import parallel
+
+    parallel.maybe_initialize_distributed()
+    logging.set_verbosity(logging.WARNING)
+    f = flags.FLAGS
+    config = config_from_flags()
+    with config.unlocked():
+        if f.data:
+            config.dataset.root = f.data
+        if f.pairs:
+            config.dataset.pairs = f.pairs
+    folds = [int(x) for x in f.folds.split(",")] if f.folds else None
+    try:
+        results = run(config, f.workdir, folds)
+    except (FileNotFoundError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)
+    for fold in results["per_fold"]:
+        print(f"fold {fold['fold']}: accuracy {fold['accuracy']:.4f} (threshold "
+              f"{fold['threshold']:.3f}), AUC {fold['auc']:.4f}")
+    print(f"LFW accuracy {results['accuracy_mean']:.4f} +- {results['accuracy_std']:.4f} "
+          f"({results['threshold_selection']}); AUC {results['auc']:.4f}, EER "
+          f"{results['eer']:.4f}, TAR@FAR=1e-2 {results['tar@far=1e-2']:.4f}, TAR@FAR=1e-3 "
+          f"{results['tar@far=1e-3']:.4f}")
+    print(f"wrote {os.path.join(f.workdir, 'lfw_results.json')} and lfw_roc.png")
+
+
+if __name__ == "__main__":
+    config_and_workdir_flags("LFW training config (configs/lfw.py).",
+                             "Where each fold's model and the results go.")
+    flags.DEFINE_string("data", None, "LFW image folder (<name>/<name>_NNNN.jpg); default: the "
+                        "config's dataset.root.")
+    flags.DEFINE_string("pairs", None, "Pairs file (View 1 or View 2); default: the config's.")
+    flags.DEFINE_string("folds", None, "Comma-separated folds to run (default: all).")
+    app.run(main)

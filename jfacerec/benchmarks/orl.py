@@ -1,0 +1,137 @@
+"""python -m jfacerec.benchmarks.orl --config configs/orl.py --workdir W [--splits 10]
+
+The AT&T/ORL protocol, with an eigenfaces baseline (PCA + nearest neighbour, NumPy) computed on
+the same images in the same run:
+- closed set: for each random split, `train_images` images of each of the 40 subjects train and
+  the rest are classified (W/closed_XX); mean +- std over splits;
+- open set: 30 known subjects (their training images enrolled as the gallery), 10 unknown; every
+  other image is a query, answered with a known subject or "unknown" (W/open_XX). The unknown
+  threshold of each split is chosen on the other splits (on the split itself, flagged, when only
+  one is run).
+Writes W/orl_results.json.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import sys
+
+import numpy as np
+from absl import app, flags, logging
+
+from jfacerec import metrics, protocols
+from jfacerec.api import load
+from jfacerec.atomic import atomic_open
+from jfacerec.cli import config_and_workdir_flags, config_from_flags
+from jfacerec.data import sources
+from jfacerec.gallery import enroll
+
+
+def grey_pixels(source: sources.ImageFileSource) -> np.ndarray:
+    """float64 [n, size*size]: the source's faces in grey, as eigenfaces sees them."""
+    images = np.stack([source[i]["image"] for i in range(len(source))]).astype(np.float64)
+    return (images @ np.array([0.299, 0.587, 0.114])).reshape(len(images), -1)
+
+
+def eigenfaces(train: np.ndarray, components: int) -> tuple[np.ndarray, np.ndarray]:
+    """(mean [p], basis [p, k]): PCA of training images [n, p]."""
+    mean = train.mean(axis=0)
+    _, _, vt = np.linalg.svd(train - mean, full_matrices=False)
+    return mean, vt[:components].T
+
+
+def nearest(gallery: np.ndarray, queries: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(index [q], negative Euclidean distance [q]) of each query's nearest gallery row."""
+    d = np.linalg.norm(queries[:, None, :] - gallery[None, :, :], axis=-1)
+    best = np.argmin(d, axis=1)
+    return best, -d[np.arange(len(queries)), best]
+
+
+def closed_set_split(config, workdir: str, split: int) -> dict[str, float]:
+    from jfacerec.training import train
+
+    c = copy.deepcopy(config)
+    c.dataset.split, c.dataset.known_identities = split, 40
+    data = sources.get_dataset(c)
+    run_dir = os.path.join(workdir, f"closed_{split:02d}")
+    train(c, run_dir)
+    test_names = [data.test.files.names[label] for label in data.test.labels()]
+    predicted = load(run_dir).classify_files(list(data.test.files.paths))
+    train_x, test_x = grey_pixels(data.train), grey_pixels(data.test)
+    mean, basis = eigenfaces(train_x, config.eigenfaces.components)
+    best, _ = nearest((train_x - mean) @ basis, (test_x - mean) @ basis)
+    return {"cnn": float(np.mean([p == t for p, t in zip(predicted, test_names)])),
+            "eigenfaces": float(np.mean(data.train.labels()[best] == data.test.labels()))}
+
+
+def open_set_split(config, workdir: str, split: int) -> dict[str, tuple[np.ndarray, ...]]:
+    """Per method: (best scores [q], best labels [q], true labels [q], -1 = unknown)."""
+    from jfacerec.training import train
+
+    c = copy.deepcopy(config)
+    c.dataset.split, c.dataset.known_identities = split, config.dataset.open_set_known
+    data = sources.get_dataset(c)
+    run_dir = os.path.join(workdir, f"open_{split:02d}")
+    train(c, run_dir)
+    recognizer = load(run_dir)
+    gallery = enroll(recognizer, data.train.files)
+    known_names = list(data.train.files.names)
+    queries = list(data.test.files.paths) + list(data.unseen.files.paths)
+    truth = np.r_[data.test.labels(), np.full(len(data.unseen), -1)]
+    matches = gallery.identify(recognizer.embed_files(queries), k=1, threshold=-np.inf)
+    cnn = (np.array([m.score for m in matches]),
+           np.array([known_names.index(m.name) for m in matches]), truth)
+    train_x = grey_pixels(data.train)
+    query_x = np.concatenate([grey_pixels(data.test), grey_pixels(data.unseen)])
+    mean, basis = eigenfaces(train_x, config.eigenfaces.components)
+    best, score = nearest((train_x - mean) @ basis, (query_x - mean) @ basis)
+    return {"cnn": cnn, "eigenfaces": (score, data.train.labels()[best], truth)}
+
+
+def open_set_accuracies(per_split: list[tuple[np.ndarray, ...]]) -> list[float]:
+    choose = lambda s, b, t: metrics.best_open_set_threshold(s, b, t)[0]  # noqa: E731
+    thresholds = (protocols.thresholds_from_other_folds(per_split, choose) if len(per_split) > 1
+                  else [choose(*per_split[0])])
+    return [metrics.open_set_accuracy(s, b, t, th) for (s, b, t), th in zip(per_split, thresholds)]
+
+
+def run(config, workdir: str, splits: int) -> dict:
+    closed = [closed_set_split(config, workdir, s) for s in range(splits)]
+    opened = [open_set_split(config, workdir, s) for s in range(splits)]
+    results: dict = {"splits": splits, "flip_averaged": bool(config.eval.flip),
+                     "open_set_threshold": "chosen on the other splits" if splits > 1
+                                           else "chosen on the same split (optimistic)"}
+    for method in ("cnn", "eigenfaces"):
+        c = [r[method] for r in closed]
+        o = open_set_accuracies([r[method] for r in opened])
+        results[method] = {"closed_set_accuracy": c, "closed_set_mean": float(np.mean(c)),
+                           "closed_set_std": float(np.std(c)), "open_set_accuracy": o,
+                           "open_set_mean": float(np.mean(o)), "open_set_std": float(np.std(o))}
+    with atomic_open(os.path.join(workdir, "orl_results.json")) as f:
+        json.dump(results, f, indent=2)
+    return results
+
+
+def main(argv):
+    del argv
+    logging.set_verbosity(logging.WARNING)
+    f = flags.FLAGS
+    try:
+        results = run(config_from_flags(), f.workdir, f.splits)
+    except (FileNotFoundError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)
+    for method in ("cnn", "eigenfaces"):
+        r = results[method]
+        print(f"{method:<11} closed set {r['closed_set_mean']:.4f} +- {r['closed_set_std']:.4f}   "
+              f"open set {r['open_set_mean']:.4f} +- {r['open_set_std']:.4f}")
+    print(f"({results['splits']} splits; open-set threshold {results['open_set_threshold']}); "
+          f"wrote {os.path.join(f.workdir, 'orl_results.json')}")
+
+
+if __name__ == "__main__":
+    config_and_workdir_flags("ORL config (configs/orl.py).", "Where the models and results go.")
+    flags.DEFINE_integer("splits", 10, "Number of random splits.")
+    app.run(main)
