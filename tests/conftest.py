@@ -6,13 +6,24 @@ os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
                            + " --xla_force_host_platform_device_count=8").strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
+import shutil  # noqa: E402
+
+import numpy as np  # noqa: E402
 import pytest  # noqa: E402
+from PIL import Image  # noqa: E402
 from absl import flags  # noqa: E402
 
 # grain's worker processes read absl flags; under pytest nobody parses the command line.
 flags.FLAGS.mark_as_parsed()
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# Real faces (../shared/data): tests that need them skip when the folder is absent (a user's
+# clone); CI sets JFACEREC_DATA and fails before the tests if it is missing.
+DATA = os.environ.get("JFACEREC_DATA", os.path.join(REPO, "..", "shared", "data"))
+LFW = os.path.join(DATA, "lfw", "lfw-deepfunneled")
+ORL = os.path.join(DATA, "att_faces")
+needs_lfw = pytest.mark.skipif(not os.path.isdir(LFW), reason=f"no LFW at {LFW}")
+needs_orl = pytest.mark.skipif(not os.path.isdir(ORL), reason=f"no ORL at {ORL}")
 
 
 def tiny_config(**overrides):
@@ -45,3 +56,45 @@ def tiny_config(**overrides):
 @pytest.fixture
 def config():
     return tiny_config()
+
+
+def make_tree(root, identities=3, per_identity=4, size=24, ext="png"):
+    """root/person_i/j.<ext>: synthetic faces as real files."""
+    from jfacerec.data.synthetic import render_faces
+
+    for i in range(identities):
+        os.makedirs(root / f"person_{i}", exist_ok=True)
+        faces = render_faces(np.full(per_identity, i), np.arange(per_identity), image_size=size)
+        for j, face in enumerate(faces):
+            Image.fromarray(face).save(root / f"person_{i}" / f"{j}.{ext}")
+    return root
+
+
+def hw2p2_tree(root):
+    """The HW2P2 layout from real LFW faces: 4 training identities, 3 known, unknown queries."""
+    people = sorted(n for n in os.listdir(LFW) if len(os.listdir(os.path.join(LFW, n))) >= 6)
+    train_people, known_people, strangers = people[:4], people[4:7], people[7:9]
+    image = lambda name, i: os.path.join(LFW, name, f"{name}_{i:04d}.jpg")  # noqa: E731
+    rows = []
+    for name in train_people:
+        for split, numbers in (("train", (1, 2, 3, 4)), ("dev", (5,))):
+            folder = root / "classification" / split / name
+            os.makedirs(folder, exist_ok=True)
+            for i in numbers:
+                shutil.copy(image(name, i), folder / f"{i}.jpg")
+        os.makedirs(root / "classification" / "test", exist_ok=True)
+        shutil.copy(image(name, 6), root / "classification" / "test" / f"{name}_6.jpg")
+    for name in known_people:
+        os.makedirs(root / "verification" / "known" / name, exist_ok=True)
+        for i in (1, 2):
+            shutil.copy(image(name, i), root / "verification" / "known" / name / f"{i}.jpg")
+    for split in ("dev", "test"):
+        os.makedirs(root / "verification" / f"unknown_{split}", exist_ok=True)
+    for k, name in enumerate(known_people + strangers):
+        query = f"q{k}.jpg"
+        shutil.copy(image(name, 3), root / "verification" / "unknown_dev" / query)
+        shutil.copy(image(name, 4), root / "verification" / "unknown_test" / query)
+        rows.append((query, name if name in known_people else "n000000"))
+    (root / "verification" / "dev_identities.csv").write_text(
+        "id,label\n" + "".join(f"{q},{n}\n" for q, n in rows))
+    return root, train_people, known_people

@@ -2,7 +2,6 @@
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 
@@ -10,30 +9,14 @@ import chex
 import ml_collections
 import numpy as np
 import pytest
-from PIL import Image
 
-from conftest import REPO, tiny_config
+from conftest import DATA, LFW, ORL, REPO, hw2p2_tree, make_tree, needs_lfw, needs_orl, tiny_config
 from jfacerec.data import folders, pack, sources
 from jfacerec.data.images import ImageDecodeError
 from jfacerec.data.pipeline import Augment, color_jitter, train_dataset
 from jfacerec.data.synthetic import render_faces
 from jfacerec.protocols import read_lfw_pairs, thresholds_from_other_folds
 
-DATA = os.environ.get("JFACEREC_DATA", os.path.join(REPO, "..", "shared", "data"))
-LFW = os.path.join(DATA, "lfw", "lfw-deepfunneled")
-ORL = os.path.join(DATA, "att_faces")
-needs_lfw = pytest.mark.skipif(not os.path.isdir(LFW), reason=f"no LFW at {LFW}")
-needs_orl = pytest.mark.skipif(not os.path.isdir(ORL), reason=f"no ORL at {ORL}")
-
-
-def make_tree(root, identities=3, per_identity=4, size=24, ext="png"):
-    """root/person_i/j.<ext>: synthetic faces as real files."""
-    for i in range(identities):
-        os.makedirs(root / f"person_{i}", exist_ok=True)
-        faces = render_faces(np.full(per_identity, i), np.arange(per_identity), image_size=size)
-        for j, face in enumerate(faces):
-            Image.fromarray(face).save(root / f"person_{i}" / f"{j}.{ext}")
-    return root
 
 
 def test_scan_labels_identities_in_sorted_order(tmp_path):
@@ -192,36 +175,6 @@ def test_color_jitter_changes_only_what_is_on():
     assert out.dtype == np.uint8 and out.shape == image.shape and not np.array_equal(out, image)
     grey = np.repeat(image.mean(-1, keepdims=True).astype(np.uint8), 3, -1)
     np.testing.assert_array_equal(color_jitter(grey, rng, Augment(saturation=0.9)), grey)
-
-
-def hw2p2_tree(root):
-    """The HW2P2 layout from real LFW faces: 4 training identities, 3 known, unknown queries."""
-    people = sorted(n for n in os.listdir(LFW) if len(os.listdir(os.path.join(LFW, n))) >= 6)
-    train_people, known_people, strangers = people[:4], people[4:7], people[7:9]
-    image = lambda name, i: os.path.join(LFW, name, f"{name}_{i:04d}.jpg")  # noqa: E731
-    rows = []
-    for name in train_people:
-        for split, numbers in (("train", (1, 2, 3, 4)), ("dev", (5,))):
-            folder = root / "classification" / split / name
-            os.makedirs(folder, exist_ok=True)
-            for i in numbers:
-                shutil.copy(image(name, i), folder / f"{i}.jpg")
-        os.makedirs(root / "classification" / "test", exist_ok=True)
-        shutil.copy(image(name, 6), root / "classification" / "test" / f"{name}_6.jpg")
-    for name in known_people:
-        os.makedirs(root / "verification" / "known" / name, exist_ok=True)
-        for i in (1, 2):
-            shutil.copy(image(name, i), root / "verification" / "known" / name / f"{i}.jpg")
-    for split in ("dev", "test"):
-        os.makedirs(root / "verification" / f"unknown_{split}", exist_ok=True)
-    for k, name in enumerate(known_people + strangers):
-        query = f"q{k}.jpg"
-        shutil.copy(image(name, 3), root / "verification" / "unknown_dev" / query)
-        shutil.copy(image(name, 4), root / "verification" / "unknown_test" / query)
-        rows.append((query, name if name in known_people else "n000000"))
-    (root / "verification" / "dev_identities.csv").write_text(
-        "id,label\n" + "".join(f"{q},{n}\n" for q, n in rows))
-    return root, train_people, known_people
 
 
 @needs_lfw
