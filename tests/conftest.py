@@ -1,10 +1,17 @@
 """Test set-up: 8 virtual CPU devices (set before JAX starts) and a tiny training config."""
 
 import os
+import tempfile
 
 os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
                            + " --xla_force_host_platform_device_count=8").strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# The tests compile the same tiny models over and over (every run builds new jitted closures, and
+# commands run in subprocesses): JAX's persistent compilation cache turns repeats into disk reads.
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR",
+                      os.path.join(tempfile.gettempdir(), "jfacerec-tests-xla-cache"))
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
 
 import shutil  # noqa: E402
 
