@@ -6,6 +6,10 @@ that their modules can be imported side by side.
 
 from __future__ import annotations
 
+import contextlib
+import sys
+from typing import Iterator
+
 import ml_collections
 from absl import flags
 from ml_collections import config_flags
@@ -32,3 +36,14 @@ def config_from_flags() -> ml_collections.ConfigDict:
         with config.unlocked():
             config.dataset.strict = True
     return config
+
+
+@contextlib.contextmanager
+def exit_on_user_error(*more: type[Exception]) -> Iterator[None]:
+    """A missing file, bad input or bad config (and `more`) ends the command with its message and
+    exit status 1, not a traceback."""
+    try:
+        yield
+    except (FileNotFoundError, ValueError, *more) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 
 import jax
 import ml_collections
@@ -20,7 +19,7 @@ import numpy as np
 from absl import app, flags, logging
 
 from jfacerec import matcher, metrics, parallel, protocols, report
-from jfacerec.cli import config_and_workdir_flags, config_from_flags
+from jfacerec.cli import config_and_workdir_flags, config_from_flags, exit_on_user_error
 from jfacerec.data import sources
 from jfacerec.data.pipeline import eval_batches
 from jfacerec.inference import make_embed_fn, make_logits_fn, restore, run_over
@@ -128,11 +127,8 @@ def main(argv):
     del argv
     parallel.maybe_initialize_distributed()
     logging.set_verbosity(logging.WARNING)
-    try:
+    with exit_on_user_error():
         results = evaluate(config_from_flags(), flags.FLAGS.workdir)
-    except (FileNotFoundError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(1)
     print(format_table(results))
     print(f"wrote {os.path.join(flags.FLAGS.workdir, 'eval', 'metrics.json')}")
 

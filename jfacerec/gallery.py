@@ -21,7 +21,6 @@ import csv
 import dataclasses
 import io
 import os
-import sys
 
 import numpy as np
 from absl import app, flags, logging
@@ -29,7 +28,7 @@ from absl import app, flags, logging
 from jfacerec import matcher
 from jfacerec.api import UNKNOWN, FaceRecognizer, Match, load
 from jfacerec.atomic import atomic_open
-from jfacerec.cli import strict_flag
+from jfacerec.cli import exit_on_user_error, strict_flag
 from jfacerec.data.folders import ImageFiles, scan_flat_folder, scan_identity_folders
 
 FORMAT_VERSION = 1
@@ -208,11 +207,8 @@ def main(argv):
                 else ["gallery", "images", "out"])
     if missing := [name for name in required if not getattr(f, name)]:
         raise app.UsageError(f"{argv[1]} needs --{', --'.join(missing)}")
-    try:
+    with exit_on_user_error():
         (_enroll_main if argv[1] == "enroll" else _identify_main)(f)
-    except (FileNotFoundError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(1)
 
 
 if __name__ == "__main__":

@@ -14,7 +14,6 @@ from __future__ import annotations
 import csv
 import json
 import os
-import sys
 
 import numpy as np
 from absl import app, flags, logging
@@ -22,7 +21,7 @@ from absl import app, flags, logging
 from jfacerec import metrics
 from jfacerec.api import UNKNOWN, FaceRecognizer, load
 from jfacerec.atomic import atomic_open
-from jfacerec.cli import strict_flag
+from jfacerec.cli import exit_on_user_error, strict_flag
 from jfacerec.data.folders import scan_flat_folder, scan_identity_folders
 from jfacerec.data.sources import Hw2p2Layout, read_id_label_csv
 from jfacerec.gallery import enroll
@@ -110,11 +109,8 @@ def main(argv):
     del argv
     logging.set_verbosity(logging.WARNING)
     f = flags.FLAGS
-    try:
+    with exit_on_user_error():
         report = predict(f.workdir, f.data, f.out, split=f.split, strict=f.strict)
-    except (FileNotFoundError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(1)
     for key, value in sorted(report.items()):
         print(f"{key:<28} {value:.4f}" if isinstance(value, float) else f"{key:<28} {value}")
     print(f"wrote {', '.join(sorted(os.listdir(f.out)))} in {f.out}")

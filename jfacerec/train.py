@@ -5,12 +5,11 @@ Trains, or resumes from the newest checkpoint in DIR.
 
 from __future__ import annotations
 
-import sys
 
 from absl import app, flags, logging
 
 from jfacerec import parallel
-from jfacerec.cli import config_and_workdir_flags, config_from_flags
+from jfacerec.cli import config_and_workdir_flags, config_from_flags, exit_on_user_error
 
 
 def main(argv):
@@ -18,11 +17,8 @@ def main(argv):
     parallel.maybe_initialize_distributed()
     from jfacerec.training import NonFiniteLossError, train  # after distributed init
     logging.set_verbosity(logging.WARNING)
-    try:
+    with exit_on_user_error(NonFiniteLossError):
         train(config_from_flags(), flags.FLAGS.workdir)
-    except (NonFiniteLossError, FileNotFoundError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(1)
 
 
 if __name__ == "__main__":

@@ -16,7 +16,6 @@ from __future__ import annotations
 import copy
 import json
 import os
-import sys
 import time
 
 import numpy as np
@@ -25,7 +24,7 @@ from absl import app, flags, logging
 from jfacerec import metrics, protocols, report
 from jfacerec.api import load
 from jfacerec.atomic import atomic_open
-from jfacerec.cli import config_and_workdir_flags, config_from_flags
+from jfacerec.cli import config_and_workdir_flags, config_from_flags, exit_on_user_error
 
 
 def score_pairs(workdir: str, pairs: list[protocols.LfwPair], root: str) -> np.ndarray:
@@ -115,11 +114,8 @@ def main(argv):
         if f.pairs:
             config.dataset.pairs = f.pairs
     folds = [int(x) for x in f.folds.split(",")] if f.folds else None
-    try:
+    with exit_on_user_error():
         results = run(config, f.workdir, folds)
-    except (FileNotFoundError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(1)
     for fold in results["per_fold"]:
         print(f"fold {fold['fold']}: accuracy {fold['accuracy']:.4f} (threshold "
               f"{fold['threshold']:.3f}), AUC {fold['auc']:.4f}")

@@ -16,7 +16,6 @@ from __future__ import annotations
 import copy
 import json
 import os
-import sys
 
 import numpy as np
 from absl import app, flags, logging
@@ -24,7 +23,7 @@ from absl import app, flags, logging
 from jfacerec import metrics, protocols
 from jfacerec.api import load
 from jfacerec.atomic import atomic_open
-from jfacerec.cli import config_and_workdir_flags, config_from_flags
+from jfacerec.cli import config_and_workdir_flags, config_from_flags, exit_on_user_error
 from jfacerec.data import sources
 from jfacerec.gallery import enroll
 
@@ -118,11 +117,8 @@ def main(argv):
     del argv
     logging.set_verbosity(logging.WARNING)
     f = flags.FLAGS
-    try:
+    with exit_on_user_error():
         results = run(config_from_flags(), f.workdir, f.splits)
-    except (FileNotFoundError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(1)
     for method in ("cnn", "eigenfaces"):
         r = results[method]
         print(f"{method:<11} closed set {r['closed_set_mean']:.4f} +- {r['closed_set_std']:.4f}   "

@@ -18,7 +18,6 @@ import json
 import os
 import shutil
 import struct
-import sys
 import time
 
 import numpy as np
@@ -26,6 +25,7 @@ from absl import app, flags
 from PIL import Image
 from tqdm.auto import tqdm
 
+from jfacerec.cli import exit_on_user_error
 from jfacerec.data.folders import scan_identity_folders
 from jfacerec.data.images import load_face
 
@@ -124,12 +124,9 @@ def main(argv):
         raise app.UsageError("usage: python -m jfacerec.data.pack SRC DST [options]")
     f = flags.FLAGS
     start = time.time()
-    try:
+    with exit_on_user_error():
         index = pack(argv[1], argv[2], shards=f.shards, size=f.size, crop=f.crop,
                      quality=f.quality, strict=f.strict)
-    except (FileNotFoundError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(1)
     skipped = f", skipped {len(index['skipped'])} unreadable files" if index["skipped"] else ""
     print(f"packed {index['num_records']} images of {len(index['names'])} identities into "
           f"{len(index['shards'])} shards in {argv[2]} ({time.time() - start:.1f} s{skipped})")
