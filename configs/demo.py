@@ -18,6 +18,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.image_size = 32
     c.dtype = "float32"
     c.num_devices = 0  # 0: every device
+    # Devices that split the class weights by columns (a distributed softmax, for very many
+    # identities); the rest of the mesh is data parallel. 1: plain data parallelism.
+    c.mesh = ml_collections.ConfigDict(dict(model=1))
 
     c.model = ml_collections.ConfigDict(dict(
         name="resnet_tiny", embedding_dim=128, norm="group", norm_groups=8, width_multiplier=1.0,
@@ -26,6 +29,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # sit under its own name.
     c.loss = ml_collections.ConfigDict(dict(
         name="softmax", label_smoothing=0.1,
+        # PartialFC: the fraction of classes in each step's softmax (all positives + random
+        # negatives); 1.0 uses every class.
+        sample_rate=1.0,
         arcface=dict(scale=32.0, margin=0.5),
         cosface=dict(scale=32.0, margin=0.35),
         sphereface=dict(margin=4, lambda_base=1000.0, lambda_gamma=0.12, lambda_power=1.0,

@@ -30,7 +30,7 @@ class Restored:
 
 def restore(config: ml_collections.ConfigDict, workdir: str, num_classes: int) -> Restored:
     """The model of `config` with the weights of the newest checkpoint in `workdir`."""
-    mesh = parallel.make_mesh(config.num_devices)
+    mesh = parallel.mesh_from_config(config)  # a model-split head restores split
     model, _, abstract = abstract_train_state(config, num_classes, mesh)
     state, _, step = Checkpointer(workdir, keep=config.keep_checkpoints).restore(abstract)
     variables = {"params": state.params, "batch_stats": state.batch_stats}

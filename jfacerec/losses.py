@@ -90,8 +90,13 @@ def cosface_loss(embeddings: jax.Array, class_weights: jax.Array, labels: jax.Ar
                  label_smoothing: float = 0.0) -> jax.Array:
     """CosFace (Wang et al. 2018): target logit s (cos(theta_y) - m), others s cos(theta_j)."""
     cos = cosine_logits(embeddings, class_weights)
-    logits = _with_target(cos, labels, _target_cos(cos, labels) - margin)
+    logits = _with_target(cos, labels, cosface_target(_target_cos(cos, labels), margin))
     return softmax_cross_entropy(scale * logits, labels, label_smoothing=label_smoothing)
+
+
+def cosface_target(cos_y: jax.Array, margin: float) -> jax.Array:
+    """cos(theta_y) - m."""
+    return cos_y - margin
 
 
 def combined_margin_loss(embeddings: jax.Array, class_weights: jax.Array, labels: jax.Array, *,
@@ -103,10 +108,15 @@ def combined_margin_loss(embeddings: jax.Array, class_weights: jax.Array, labels
     (1, m, 0) ArcFace without its fallback, (1, 0, m) CosFace.
     """
     cos = cosine_logits(embeddings, class_weights)
-    c = jnp.clip(_target_cos(cos, labels), -1.0 + _ARCCOS_EPS, 1.0 - _ARCCOS_EPS)
-    target = jnp.cos(m1 * jnp.arccos(c) + m2) - m3
+    target = combined_target(_target_cos(cos, labels), m1, m2, m3)
     return softmax_cross_entropy(scale * _with_target(cos, labels, target), labels,
                                  label_smoothing=label_smoothing)
+
+
+def combined_target(cos_y: jax.Array, m1: float, m2: float, m3: float) -> jax.Array:
+    """cos(m1 theta_y + m2) - m3, through a clipped arccos (finite gradient)."""
+    c = jnp.clip(cos_y, -1.0 + _ARCCOS_EPS, 1.0 - _ARCCOS_EPS)
+    return jnp.cos(m1 * jnp.arccos(c) + m2) - m3
 
 
 def sphereface_psi(theta: jax.Array, margin: int) -> jax.Array:
@@ -128,13 +138,27 @@ def sphereface_loss(embeddings: jax.Array, class_weights: jax.Array, labels: jax
     if int(margin) != margin or margin < 1:
         raise ValueError(f"SphereFace needs a positive integer margin, got {margin}")
     x = _at_least_f32(embeddings)
-    norm = jnp.sqrt(jnp.sum(x * x, axis=-1)) if scale is None else jnp.full(x.shape[:1], scale)
+    norm = sphereface_row_scale(x, scale)
     cos = cosine_logits(x, class_weights)
-    cos_y = jnp.clip(_target_cos(cos, labels), -1.0 + _ARCCOS_EPS, 1.0 - _ARCCOS_EPS)
-    psi = sphereface_psi(jnp.arccos(cos_y), int(margin))
-    target = (anneal_lambda * cos_y + psi) / (1.0 + anneal_lambda)
+    target = sphereface_target(_target_cos(cos, labels), margin, anneal_lambda)
     logits = norm[:, None] * _with_target(cos, labels, target)
     return softmax_cross_entropy(logits, labels, label_smoothing=label_smoothing)
+
+
+def sphereface_target(cos_y: jax.Array, margin: int,
+                      anneal_lambda: float | jax.Array = 0.0) -> jax.Array:
+    """(lambda cos(theta_y) + psi(theta_y)) / (1 + lambda), cos clipped for a finite arccos."""
+    cos_y = jnp.clip(cos_y, -1.0 + _ARCCOS_EPS, 1.0 - _ARCCOS_EPS)
+    psi = sphereface_psi(jnp.arccos(cos_y), int(margin))
+    return (anneal_lambda * cos_y + psi) / (1.0 + anneal_lambda)
+
+
+def sphereface_row_scale(embeddings: jax.Array, scale: float | None) -> jax.Array:
+    """SphereFace's logit scale per row [B]: the embedding norm |x|, or a fixed `scale`."""
+    x = _at_least_f32(embeddings)
+    if scale is None:
+        return jnp.sqrt(jnp.sum(x * x, axis=-1))
+    return jnp.full(x.shape[:1], scale, x.dtype)
 
 
 def _distances(embeddings: jax.Array) -> jax.Array:

@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from jfacerec import losses
+from jfacerec import losses, sharded_softmax
 
 _TERM = re.compile(r"^\s*(?:([0-9.eE+-]+)\s*\*\s*)?([a-z_]+)\s*$")
 
@@ -98,20 +98,29 @@ class Objective:
             -s.get("lambda_power", 1.0))
         return jnp.maximum(value, s.get("lambda_min", 0.0)).astype(jnp.float32)
 
-    def __call__(self, *, embeddings: jax.Array, logits: jax.Array, class_weights: jax.Array,
-                 centers: jax.Array, labels: jax.Array, step: jax.Array):
-        """Returns (total loss, {name: term loss}). embeddings [B, D], logits [B, C]."""
+    def __call__(self, *, embeddings: jax.Array, logits: jax.Array | None,
+                 class_weights: jax.Array, centers: jax.Array, labels: jax.Array,
+                 step: jax.Array, sharded_head: sharded_softmax.ShardedHead | None = None):
+        """Returns (total loss, {name: term loss}). embeddings [B, D], logits [B, C].
+
+        With `sharded_head` the cross-entropy terms run over class weights split across the mesh
+        (and PartialFC's sampled classes), never forming `logits`, which may then be None.
+        """
         parts = {}
         for weight, name, options in self.terms:
             kind = losses.loss_kind(name)
             fn = losses.get_loss(name)
             smoothing = options.get("label_smoothing", self.label_smoothing)
             kw = {k: v for k, v in options.items() if k != "label_smoothing"}
-            if kind == losses.LOGITS:
+            if kind == losses.MARGIN and name == "sphereface":
+                kw["anneal_lambda"] = self.sphereface_lambda(step)
+            if kind in (losses.LOGITS, losses.MARGIN) and sharded_head is not None:
+                margin = sharded_softmax.margin_fn(name, kw) if kind == losses.MARGIN else None
+                value = sharded_softmax.cross_entropy(sharded_head, embeddings, labels,
+                                                      margin=margin, label_smoothing=smoothing)
+            elif kind == losses.LOGITS:
                 value = fn(logits, labels, label_smoothing=smoothing, **kw)
             elif kind == losses.MARGIN:
-                if name == "sphereface":
-                    kw["anneal_lambda"] = self.sphereface_lambda(step)
                 value = fn(embeddings, class_weights, labels, label_smoothing=smoothing, **kw)
             elif kind == losses.METRIC and self.explicit_triplets:
                 # Each process's rows are [anchors; positives; negatives]; regroup globally.

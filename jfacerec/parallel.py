@@ -9,6 +9,10 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 DATA_AXIS = "data"
+# Splits the class weights of the softmax and margin heads by columns (see sharded_softmax.py).
+MODEL_AXIS = "model"
+# The batch is split over every device: the backbone is data parallel over the whole mesh.
+BATCH_AXES = (DATA_AXIS, MODEL_AXIS)
 
 
 def maybe_initialize_distributed() -> None:
@@ -26,20 +30,44 @@ def maybe_initialize_distributed() -> None:
             process_id=int(os.environ["JAX_PROCESS_ID"]))
 
 
-def make_mesh(num_devices: int = 0) -> Mesh:
-    """A 1-D mesh over the first `num_devices` devices (0: all), axis `data`."""
+def make_mesh(num_devices: int = 0, model: int = 1) -> Mesh:
+    """A (data, model) mesh over the first `num_devices` devices (0: all).
+
+    `model` devices share the class weights (columns split among them); `data` is the rest.
+    `model=1` is plain data parallelism.
+    """
     devices = jax.devices()
     if num_devices:
         if num_devices > len(devices):
             raise ValueError(f"asked for {num_devices} devices, only {len(devices)} exist")
         devices = devices[:num_devices]
-    return Mesh(np.array(devices), (DATA_AXIS,))
+    if model < 1 or len(devices) % model:
+        raise ValueError(f"mesh.model={model} must divide the {len(devices)} devices")
+    return Mesh(np.array(devices).reshape(len(devices) // model, model), (DATA_AXIS, MODEL_AXIS))
+
+
+def mesh_from_config(config) -> Mesh:
+    """The mesh of a training config: `num_devices` and `mesh.model` (1 when absent)."""
+    return make_mesh(config.num_devices, config.get("mesh", {}).get("model", 1))
 
 
 def data_sharding(mesh: Mesh) -> NamedSharding:
-    """Leading (batch) axis split over `data`, the rest replicated."""
-    return NamedSharding(mesh, P(DATA_AXIS))
+    """Leading (batch) axis split over every device of the mesh, the rest replicated."""
+    return NamedSharding(mesh, P(BATCH_AXES))
 
 
 def replicated(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, P())
+
+
+def class_sharding(mesh: Mesh, ndim: int) -> NamedSharding:
+    """A per-class array split by classes over `model`: kernels [dim, C] by columns, biases [C]."""
+    return NamedSharding(mesh, P(*([None] * (ndim - 1)), MODEL_AXIS))
+
+
+def check_class_split(num_classes: int, mesh: Mesh) -> None:
+    """Raises unless the classes split evenly over the mesh's `model` devices."""
+    model = mesh.shape[MODEL_AXIS]
+    if num_classes % model:
+        raise ValueError(f"{num_classes} classes do not split evenly over mesh.model={model} "
+                         f"devices; choose a mesh.model that divides the number of classes")

@@ -19,7 +19,7 @@ import numpy as np
 import optax
 from tqdm.auto import tqdm
 
-from jfacerec import losses, parallel
+from jfacerec import losses, parallel, sharded_softmax
 from jfacerec.checkpoint import Checkpointer
 from jfacerec.data import pipeline, sources
 from jfacerec.models import FaceModel, get_model
@@ -105,17 +105,37 @@ def init_state(model: FaceModel, tx: optax.GradientTransformation, image_size: i
                       center_opt_state=center_optimizer(objective).init(centers))
 
 
+def uses_sharded_head(config: ml_collections.ConfigDict) -> bool:
+    """Whether the class weights are split over the mesh's `model` axis or sampled (PartialFC)."""
+    return (config.get("mesh", {}).get("model", 1) > 1
+            or config.loss.get("sample_rate", 1.0) < 1.0)
+
+
 def make_train_step(model: FaceModel, tx: optax.GradientTransformation,
-                    config: ml_collections.ConfigDict) -> Callable:
+                    config: ml_collections.ConfigDict,
+                    mesh: jax.sharding.Mesh | None = None) -> Callable:
     """(state, batch) -> (state, metrics): one optimizer step on a global batch.
 
-    batch: `image` float32 [batch, size, size, 3], `label` int32 [batch].
+    batch: `image` float32 [batch, size, size, 3], `label` int32 [batch]. `mesh` (by default the
+    config's) carries the class weights' `model` split when `uses_sharded_head(config)`.
     """
     objective = Objective.from_config(config)
     train_centers = objective.uses_centers and objective.center_update == "param"
     center_tx = center_optimizer(objective)
     schedule = learning_rate_schedule(config)
     base_rng = jax.random.key(config.seed)
+    sharded = uses_sharded_head(config)
+    if sharded and mesh is None:
+        mesh = parallel.mesh_from_config(config)
+    head_kind, head_scale = objective.head
+    # The sampler's stream is its own, so that PartialFC leaves dropout's draws unchanged.
+    sampler_tag = 1
+
+    def sharded_head(params, rng: jax.Array) -> sharded_softmax.ShardedHead:
+        return sharded_softmax.ShardedHead(
+            mesh, head_kind, head_scale, params["classifier"]["kernel"],
+            params["classifier"].get("bias"), config.loss.get("sample_rate", 1.0),
+            jax.random.fold_in(rng, sampler_tag))
 
     def step(state: TrainState, batch: dict[str, jax.Array]):
         rng = jax.random.fold_in(base_rng, state.step)
@@ -126,10 +146,14 @@ def make_train_step(model: FaceModel, tx: optax.GradientTransformation,
             embeddings, updates = model.apply(variables, batch["image"], train=True,
                                               return_feats=True, mutable=["batch_stats"],
                                               rngs={"dropout": rng})
-            logits = model.apply({"params": params}, embeddings, method=FaceModel.classify)
+            # Mixed precision: the backbone may compute in bfloat16, the loss is float32.
+            embeddings = embeddings.astype(jnp.float32)
+            head = sharded_head(params, rng) if sharded else None
+            logits = None if sharded else model.apply({"params": params}, embeddings,
+                                                      method=FaceModel.classify)
             total, parts = objective(
                 embeddings=embeddings, logits=logits, labels=labels, step=state.step,
-                class_weights=params["classifier"]["kernel"],
+                class_weights=params["classifier"]["kernel"], sharded_head=head,
                 centers=centers if train_centers else jax.lax.stop_gradient(centers))
             return total, (logits, embeddings, updates.get("batch_stats", {}), parts)
 
@@ -145,7 +169,9 @@ def make_train_step(model: FaceModel, tx: optax.GradientTransformation,
             centers = losses.center_update(centers, embeddings, labels, objective.center_alpha)
         metrics = {
             "loss": loss,
-            "accuracy": jnp.mean(jnp.argmax(logits, -1) == labels),
+            "accuracy": (sharded_softmax.accuracy(sharded_head(state.params, rng), embeddings,
+                                                  labels) if sharded
+                         else jnp.mean(jnp.argmax(logits, -1) == labels)),
             "grad_norm": optax.tree.norm(grads),
             "learning_rate": schedule(state.step),
         }
@@ -162,15 +188,28 @@ def make_train_step(model: FaceModel, tx: optax.GradientTransformation,
 def abstract_train_state(config: ml_collections.ConfigDict, num_classes: int,
                          mesh: jax.sharding.Mesh):
     """(model, optimizer, abstract state with shardings): shapes only, nothing computed."""
+    parallel.check_class_split(num_classes, mesh)
     model = build_model(config, num_classes)
     tx = make_optimizer(config)
     objective = Objective.from_config(config)
     shapes = jax.eval_shape(lambda: init_state(model, tx, config.image_size,
                                                jax.random.key(config.seed), objective))
-    replicated = parallel.replicated(mesh)
-    abstract = jax.tree.map(
-        lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=replicated), shapes)
+    abstract = jax.tree_util.tree_map_with_path(
+        lambda path, s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=_sharding(path, s, mesh)),
+        shapes)
     return model, tx, abstract
+
+
+_CLASS_WEIGHTS = ("['classifier']['kernel']", "['classifier']['bias']")
+
+
+def _sharding(path: tuple, leaf: jax.ShapeDtypeStruct,
+              mesh: jax.sharding.Mesh) -> jax.sharding.NamedSharding:
+    """The classifier's kernel and bias, and their optimizer moments, split by class over `model`
+    (no device holds every class); everything else replicated (the backbone is data parallel)."""
+    if leaf.ndim and jax.tree_util.keystr(path).endswith(_CLASS_WEIGHTS):
+        return parallel.class_sharding(mesh, leaf.ndim)
+    return parallel.replicated(mesh)
 
 
 class _Logger:
@@ -241,7 +280,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
     write_config(config, workdir)
 
     # -- Device mesh ------------------------------------------------------------------------------
-    mesh = parallel.make_mesh(config.num_devices)
+    mesh = parallel.mesh_from_config(config)
     n_dev = mesh.devices.size
     if config.batch_size % n_dev:
         raise ValueError(f"batch_size {config.batch_size} must be divisible by the {n_dev} devices")
@@ -262,7 +301,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
     # -- Model, optimizer, shardings and the jitted step ------------------------------------------
     model, tx, abstract = abstract_train_state(config, dataset.num_classes, mesh)
     state_sharding = jax.tree.map(lambda s: s.sharding, abstract)
-    train_step = jax.jit(make_train_step(model, tx, config),
+    train_step = jax.jit(make_train_step(model, tx, config, mesh),
                          in_shardings=(state_sharding, batch_sharding),
                          out_shardings=(state_sharding, parallel.replicated(mesh)),
                          donate_argnums=0)
