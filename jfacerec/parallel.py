@@ -15,19 +15,39 @@ MODEL_AXIS = "model"
 BATCH_AXES = (DATA_AXIS, MODEL_AXIS)
 
 
-def maybe_initialize_distributed() -> None:
-    """Joins a multi-process run when the environment describes one.
+def _tpu_pod_hosts() -> int:
+    """How many hosts the TPU environment names (0 outside a TPU VM); no network calls."""
+    hosts = os.environ.get("TPU_WORKER_HOSTNAMES", "")
+    return len([h for h in hosts.split(",") if h.strip()])
 
-    `JAX_COORDINATOR_ADDRESS`, `JAX_NUM_PROCESSES` and `JAX_PROCESS_ID` (or a cluster that
-    `jax.distributed` detects by itself, such as a TPU pod or SLURM) make this process one of many.
+
+def maybe_initialize_distributed() -> None:
+    """Joins a multi-process run when the environment describes one, and does nothing otherwise.
+
+    `JAX_COORDINATOR_ADDRESS` (host:port of process 0), `JAX_NUM_PROCESSES` and `JAX_PROCESS_ID`
+    make this process one of many, on any platform (on CPU the processes' collectives go through
+    gloo, over TCP). Without them, a multi-host TPU slice (`TPU_WORKER_HOSTNAMES` naming several
+    hosts) is joined by `jax.distributed.initialize()`'s own cluster detection. A plain
+    single-process run never initialises anything. Call it before anything else touches JAX's
+    devices.
     """
     if jax.distributed.is_initialized():
         return
     if "JAX_COORDINATOR_ADDRESS" in os.environ:
+        missing = [k for k in ("JAX_NUM_PROCESSES", "JAX_PROCESS_ID") if k not in os.environ]
+        if missing:
+            raise ValueError(f"JAX_COORDINATOR_ADDRESS is set but {' and '.join(missing)} "
+                             f"{'is' if len(missing) == 1 else 'are'} not")
+        # Cross-process collectives of CPU devices (gloo, the default of this JAX, said
+        # explicitly); JAX_CPU_COLLECTIVES_IMPLEMENTATION=mpi chooses MPI instead.
+        if not os.environ.get("JAX_CPU_COLLECTIVES_IMPLEMENTATION"):
+            jax.config.update("jax_cpu_collectives_implementation", "gloo")
         jax.distributed.initialize(
             coordinator_address=os.environ["JAX_COORDINATOR_ADDRESS"],
             num_processes=int(os.environ["JAX_NUM_PROCESSES"]),
             process_id=int(os.environ["JAX_PROCESS_ID"]))
+    elif _tpu_pod_hosts() > 1:
+        jax.distributed.initialize()
 
 
 def make_mesh(num_devices: int = 0, model: int = 1) -> Mesh:

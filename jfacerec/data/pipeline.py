@@ -134,6 +134,42 @@ class _SampledBatch(grain.transforms.RandomMap):
                 "label": np.array([r["label"] for r in records], np.int32)}
 
 
+class _ProcessRows(grain.MapDataset):
+    """One process's rows of every global batch of `parent` (a global record stream).
+
+    Local element k is global element (k // rows) * batch_size + process_index * rows + k % rows:
+    process p reads rows p*rows..(p+1)*rows-1 of each global batch of `batch_size` records, and
+    only those (grain's random access), so every process count sees the same global stream.
+    """
+
+    _MUTATES_ELEMENT_SPEC = False
+
+    def __init__(self, parent: grain.MapDataset, *, batch_size: int, rows: int,
+                 process_index: int):
+        super().__init__(parent)
+        self.batch_size, self.rows, self.offset = batch_size, rows, process_index * rows
+        self._length = len(parent) // batch_size * rows
+
+    def __len__(self) -> int:
+        return self._length
+
+    def _global_index(self, index: int) -> int:
+        batch, row = divmod(index, self.rows)
+        return batch * self.batch_size + self.offset + row
+
+    def __getitem__(self, index):
+        if isinstance(index, slice):
+            return self.slice(index)
+        return self._parent[self._global_index(index)]
+
+    def _getitems(self, indices):
+        return self._parent._getitems([self._global_index(i) for i in indices])
+
+    def __str__(self) -> str:
+        last = self.offset + self.rows - 1
+        return f"_ProcessRows(rows {self.offset}..{last} of each {self.batch_size})"
+
+
 SAMPLERS = ("random", "pk", "triplets")
 
 
@@ -143,9 +179,11 @@ def train_dataset(source: Source, *, batch_size: int, image_size: int, seed: int
                   pk_images: int = 4) -> grain.IterDataset:
     """The infinite, augmented training stream of this process's share of the batch.
 
-    `batch_size` is global; each of `process_count` processes reads a disjoint slice of the source
-    (random sampler) or draws its own batches (pk, triplets) and yields batch_size / process_count
-    records per step. "pk" draws identities with at least two images, `pk_images` images each.
+    `batch_size` is global; each of `process_count` processes yields batch_size / process_count
+    records per step. The random sampler's global batches do not depend on `process_count`:
+    process p yields (and reads) rows p*rows..(p+1)*rows-1 of each. The pk and triplets samplers
+    draw each process's batches on its own. "pk" draws identities with at least two images,
+    `pk_images` images each.
     """
     if batch_size % process_count:
         raise ValueError(f"batch_size {batch_size} is not divisible by {process_count} processes")
@@ -154,10 +192,12 @@ def train_dataset(source: Source, *, batch_size: int, image_size: int, seed: int
     rows = batch_size // process_count
     read = grain.ReadOptions(num_threads=num_threads, prefetch_buffer_size=4 * batch_size)
     if sampler == "random":
-        ds = grain.MapDataset.source(source)
+        # The global stream (shuffled epochs, each record's augmentation drawn from its index) is
+        # the same for any number of processes; each process reads its rows of each batch.
+        ds = grain.MapDataset.source(source).seed(seed).shuffle().repeat()
+        ds = ds.random_map(_TrainTransform(image_size, augment))
         if process_count > 1:
-            ds = ds[process_index::process_count]
-        ds = ds.seed(seed).shuffle().repeat().random_map(_TrainTransform(image_size, augment))
+            ds = _ProcessRows(ds, batch_size=batch_size, rows=rows, process_index=process_index)
         ds = ds.to_iter_dataset(read).batch(rows, drop_remainder=True)
     elif sampler in ("pk", "triplets"):
         if sampler == "pk" and rows % pk_images:
