@@ -5,7 +5,8 @@ python benchmarks/packed.py [--data $JFACEREC_DATA/lfw/lfw-deepfunneled] [--reco
 Packs the tree twice into a temporary folder (original JPEG bytes; and faces cropped to 0.5 and
 stored at 112 pixels, as `--size 112 --crop 0.5`), then reads the same random records from each,
 interleaving the sides, in two ways: raw bytes (what the storage layer costs: one open/read/close
-per file against one ArrayRecord read) and decoded 64-pixel faces (what training sees). Every
+per file against one ArrayRecord read, and against one read of 128 records) and decoded 64-pixel
+faces (what training sees). Every
 figure is the median of `--repeats` passes over a warm page cache.
 
 Last line: JSON with records/s of each side and the ratios packed / folder.
@@ -75,6 +76,10 @@ def main():
                                         args.repeats),
             "bytes/arrayrecord": median_rate(lambda: [original.records[int(i)] for i in idx], n,
                                              args.repeats),
+            # A training batch's records in one call: the reader fetches them in parallel.
+            "bytes/arrayrecord_batched": median_rate(
+                lambda: [original.records.__getitems__([int(i) for i in idx[b:b + 128]])
+                         for b in range(0, n, 128)], n, args.repeats),
             "faces/folder": median_rate(lambda: [folder[i] for i in idx], n, args.repeats),
             "faces/arrayrecord": median_rate(lambda: [original[i] for i in idx], n, args.repeats),
             "faces/arrayrecord_112": median_rate(lambda: [small[i] for i in idx], n,
@@ -82,6 +87,8 @@ def main():
         }
     ratios = {
         "bytes arrayrecord/folder": rates["bytes/arrayrecord"] / rates["bytes/folder"],
+        "bytes arrayrecord_batched/folder": (rates["bytes/arrayrecord_batched"]
+                                             / rates["bytes/folder"]),
         "faces arrayrecord/folder": rates["faces/arrayrecord"] / rates["faces/folder"],
         "faces arrayrecord_112/folder": rates["faces/arrayrecord_112"] / rates["faces/folder"],
     }

@@ -19,9 +19,9 @@ from demo import get_config as demo_config  # noqa: E402
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c = demo_config()
     lfw = os.path.join(os.environ.get("JFACEREC_DATA", os.path.join("..", "shared", "data")), "lfw")
-    c.image_size = 64
+    c.image_size = 48
     c.batch_size = 128
-    c.total_steps = 3000
+    c.total_steps = 2000
     c.checkpoint_every_steps = 500
     c.log_every_steps = 50
     c.model.update(name="resnet_tiny", embedding_dim=128, norm="batch", dropout=0.0)
