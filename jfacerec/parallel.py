@@ -91,3 +91,16 @@ def check_class_split(num_classes: int, mesh: Mesh) -> None:
     if num_classes % model:
         raise ValueError(f"{num_classes} classes do not split evenly over mesh.model={model} "
                          f"devices; choose a mesh.model that divides the number of classes")
+
+
+def barrier(name: str, timeout_s: int = 1800) -> None:
+    """Waits until every process reaches `name`, through the coordination service.
+
+    No device collective is involved: gloo sets up each communicator at its first collective and
+    waits only 30 s for the other processes, so a barrier made of a collective would time out
+    behind a slow compile just the same.
+    """
+    if jax.process_count() > 1:
+        from jax._src import distributed  # the client is not exported publicly
+
+        distributed.global_state.client.wait_at_barrier(name, timeout_in_ms=timeout_s * 1000)

@@ -331,6 +331,11 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
     try:
         for step in range(start, config.total_steps):
             batch = pipeline.to_global(next(data_iter), batch_sharding)
+            if step == start and jax.process_count() > 1:
+                # Compile before the first collective, then meet: processes that finish compiling
+                # far apart would otherwise time out setting up the gloo communicators.
+                train_step = train_step.lower(state, batch).compile()
+                parallel.barrier(f"jfacerec-train-step-compiled-{start}")
             state, metrics = train_step(state, batch)
             pending.append(metrics)
             done = step + 1
