@@ -62,11 +62,14 @@ WARMUP_QUERIES = {"jfacerec": 1024, "faiss": 32, "numpy": 32}
 # Timed subsets of large cases are a multiple of this: faiss's query block (and 4 of jfacerec's).
 QUERY_QUANTUM = 4096
 TOLERANCE = 1e-4
+# search(queries [n, d], k) -> (scores [n, k], indices [n, k]), best first.
+Search = Callable[[np.ndarray, int], tuple[np.ndarray, np.ndarray]]
 
 
 # --- data -----------------------------------------------------------------------------------------
 
 def data_path(data_dir: str, name: str, rows: int, dim: int, seed: int) -> str:
+    """Where the seeded [rows, dim] array called `name` is kept."""
     return os.path.join(data_dir, f"{name}_{rows}x{dim}_seed{seed}.npy")
 
 
@@ -109,8 +112,8 @@ def timed_queries(nq: int, ng: int, work_cap: float) -> int:
 
 # --- the three sides (run inside a worker subprocess) ----------------------------------------------
 
-def prepare(side: str, gallery: np.ndarray):
-    """One-off gallery preparation; returns search(queries [n, d], k) -> (scores, indices) [n, k]."""
+def prepare(side: str, gallery: np.ndarray) -> Search:
+    """One-off preparation of gallery [ng, d] for `side`; returns its search."""
     if side == "jfacerec":
         import jax
 
@@ -137,7 +140,7 @@ def prepare(side: str, gallery: np.ndarray):
         scores, indices = [], []
         for start in range(0, len(q), block):
             s = q[start:start + block] @ gallery.T  # [block, ng]
-            if k == 1:
+            if k == 1:  # argmax is what NumPy code would use, and cheaper than argpartition
                 idx = s.argmax(axis=1)[:, None]
             else:
                 idx = np.argpartition(s, -k, axis=1)[:, -k:]
@@ -310,6 +313,7 @@ def check(outputs: dict[str, str], gallery_path: str, queries_path: str) -> dict
 # --- report ---------------------------------------------------------------------------------------
 
 def machine() -> dict:
+    """CPU count and model, platform, library versions and the date."""
     model = ""
     with open("/proc/cpuinfo") as f:
         for line in f:
@@ -328,6 +332,7 @@ def machine() -> dict:
 
 
 def print_tables(cases: list[dict], sides: list[str]) -> None:
+    """Markdown tables: queries/s and ratios, achieved GFLOP/s against the peak, peak memory."""
     def name(c: dict) -> str:
         timed = "" if c["timed_queries"] == c["queries"] else f" ({c['timed_queries']:,}*)"
         return f"{c['gallery']:,} | {c['queries']:,}{timed} | {c['k']}"

@@ -42,3 +42,28 @@ def test_bad_shapes_and_k_are_refused():
         top_k_cosine(np.ones((2, 4)), np.ones((3, 4)), k=4)
     with pytest.raises(ValueError, match="need queries"):
         top_k_cosine(np.ones((2, 4)), np.ones((3, 5)))
+
+
+@pytest.mark.parametrize("k", [1, 5])
+def test_ties_keep_the_lower_index_across_groups_and_chunks(k):
+    # +-1 vectors of 16 dims normalise to +-0.25 exactly, so every score is an exact multiple of
+    # 1/8 and the 1,000 rows share 17 values: ties everywhere, inside and across the 32-row groups
+    # and 256-row chunks (the last chunk, 232 rows, ends in 8 rows outside any group).
+    rng = np.random.default_rng(2)
+    g = rng.choice([-1.0, 1.0], size=(1000, 16)).astype(np.float32)
+    q = rng.choice([-1.0, 1.0], size=(37, 16)).astype(np.float32)
+    scores, idx = top_k_cosine(q, g, k=k, gallery_chunk=256, query_block=16)
+    want_s, want_i = brute_force(q.astype(np.float64), g.astype(np.float64), k)
+    np.testing.assert_array_equal(idx, want_i)
+    np.testing.assert_array_equal(scores, want_s)
+
+
+@pytest.mark.parametrize("k", [1, 5])
+def test_default_chunks_equal_numpy_brute_force(k):
+    rng = np.random.default_rng(3)
+    q = rng.normal(size=(40, 32)).astype(np.float32)
+    g = rng.normal(size=(9000, 32)).astype(np.float32)  # two 4,096-row chunks and a tail of 808
+    scores, idx = top_k_cosine(q, g, k=k)
+    want_s, want_i = brute_force(q.astype(np.float64), g.astype(np.float64), k)
+    np.testing.assert_array_equal(idx, want_i)
+    np.testing.assert_allclose(scores, want_s, atol=1e-5)
