@@ -25,8 +25,7 @@ import numpy as np
 from jfacerec.checkpoint import Checkpointer
 from jfacerec.data import images as image_io
 from jfacerec.data.folders import ImageFiles
-from jfacerec.data.pipeline import normalize
-from jfacerec.data.sources import ImageFileSource
+from jfacerec.data.sources import ArraySource, ImageFileSource, Source
 from jfacerec.inference import Restored, make_embed_fn, make_logits_fn, restore, run_over
 from jfacerec.training import IDENTITIES_FILE
 
@@ -115,18 +114,8 @@ class FaceRecognizer:
         if isinstance(image, (str, os.PathLike)):
             return image_io.load_face(image, crop_fraction=self.crop_fraction,
                                       size=self.image_size)
-        face = image_io.center_crop(image_io.as_rgb_array(image), self.crop_fraction)
-        return image_io.resize(np.ascontiguousarray(face), self.image_size)
-
-    def _apply(self, fn, images: np.ndarray) -> np.ndarray:
-        """fn over uint8 [n, size, size, 3] in fixed-size batches (one compilation)."""
-        out = []
-        for start in range(0, len(images), self.batch_size):
-            chunk = normalize(images[start:start + self.batch_size])
-            n = len(chunk)
-            chunk = np.pad(chunk, ((0, self.batch_size - n), (0, 0), (0, 0), (0, 0)))
-            out.append(np.asarray(fn(self._restored.variables, chunk))[:n])
-        return np.concatenate(out)
+        return image_io.crop_face(image_io.as_rgb_array(image), self.crop_fraction,
+                                  self.image_size)
 
     def embed(self, images: ImageLike | Sequence[ImageLike]) -> np.ndarray:
         """Unit-norm embeddings float32 [n, dim] (flip-averaged when the config says so).
@@ -141,15 +130,23 @@ class FaceRecognizer:
             return np.zeros((0, self.embedding_dim), np.float32)
         if all(isinstance(x, (str, os.PathLike)) for x in images):
             return self.embed_files([os.fspath(x) for x in images])
-        return self._apply(self._embed, np.stack([self.preprocess(x) for x in images]))
+        return self._run_images(self._embed, images, "embed")
+
+    def _run(self, fn, source: Source, desc: str) -> np.ndarray:
+        """fn over every record of `source`, in fixed-size batches (one compilation)."""
+        outputs, _ = run_over(fn, self._restored.variables, source, batch_size=self.batch_size,
+                              image_size=self.image_size, mesh=self._restored.mesh, desc=desc)
+        return outputs
+
+    def _run_images(self, fn, images: Sequence[ImageLike], desc: str) -> np.ndarray:
+        """fn over in-memory images (or a mix with paths), preprocessed one by one."""
+        return self._run(fn, ArraySource(np.stack([self.preprocess(x) for x in images])), desc)
 
     def _run_files(self, fn, paths: Sequence[str], desc: str) -> np.ndarray:
         """fn over image files, decoded in parallel by the input pipeline."""
         files = ImageFiles("", (), tuple(paths), np.zeros(len(paths), np.int32))
         source = ImageFileSource(files, size=self.image_size, crop_fraction=self.crop_fraction)
-        outputs, _ = run_over(fn, self._restored.variables, source, batch_size=self.batch_size,
-                              image_size=self.image_size, mesh=self._restored.mesh, desc=desc)
-        return outputs
+        return self._run(fn, source, desc)
 
     def embed_files(self, paths: Sequence[str], *, desc: str = "embed") -> np.ndarray:
         """Embeddings float32 [n, dim] of image files."""
@@ -174,8 +171,7 @@ class FaceRecognizer:
             images = [images]
         if all(isinstance(x, (str, os.PathLike)) for x in images):
             return self.classify_files([os.fspath(x) for x in images])
-        return self._names(self._apply(self._logits,
-                                       np.stack([self.preprocess(x) for x in images])))
+        return self._names(self._run_images(self._logits, images, "classify"))
 
     def classify_files(self, paths: Sequence[str], *, desc: str = "classify") -> list[str]:
         return self._names(self._run_files(self._logits, paths, desc))

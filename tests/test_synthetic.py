@@ -54,7 +54,7 @@ def test_source_records_match_render_faces_and_cache_is_not_pickled():
     assert rec["label"] == 1
     np.testing.assert_array_equal(src.labels(), [0, 0, 0, 1, 1, 1])
     clone = pickle.loads(pickle.dumps(src))  # grain ships sources to worker processes
-    assert clone._chunks == {}
+    assert clone._cache == {}
     np.testing.assert_array_equal(clone[4]["image"], rec["image"])
     with pytest.raises(IndexError):
         src[6]

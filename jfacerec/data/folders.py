@@ -53,6 +53,21 @@ class ImageFiles:
         return ImageFiles(self.root, names, tuple(self.paths[i] for i in indices), labels,
                           self.skipped)
 
+    def select(self, names: tuple[str, ...], min_images: int = 1) -> ImageFiles:
+        """The records of the identities `names` having `min_images` or more, relabelled 0.. in
+        the order of `self.names`: a part of a scanned tree without scanning it again."""
+        position = {n: i for i, n in enumerate(self.names)}
+        if missing := sorted(set(names) - set(position)):
+            raise FileNotFoundError(f"{self.root}: no readable images of {missing[:3]} "
+                                    f"({len(missing)} identities)")
+        wanted = np.zeros(len(self.names), bool)
+        wanted[[position[n] for n in names]] = True
+        wanted &= np.bincount(self.labels, minlength=len(self.names)) >= max(1, min_images)
+        if not wanted.any():
+            raise ValueError(f"{self.root}: no identity has {max(1, min_images)} or more "
+                             f"readable images")
+        return self.subset(np.flatnonzero(wanted[self.labels]), relabel=True)
+
     def summary(self) -> str:
         skipped = f", skipped {len(self.skipped)} unreadable files" if self.skipped else ""
         return f"{len(self.paths)} images of {len(self.names)} identities in {self.root}{skipped}"

@@ -88,13 +88,19 @@ def resize(image: np.ndarray, size: int) -> np.ndarray:
     return np.asarray(Image.fromarray(image).resize((size, size), Image.BILINEAR))
 
 
+def crop_face(image: np.ndarray, crop_fraction: float, size: int | None) -> np.ndarray:
+    """uint8 [h, w, 3] -> its central `crop_fraction`, resized to [size, size, 3] (kept at the
+    crop's shape when `size` is None)."""
+    face = center_crop(image, crop_fraction)
+    return face if size is None else resize(np.ascontiguousarray(face), size)
+
+
 def load_face(data: bytes | str | os.PathLike, *, crop_fraction: float = 1.0,
               size: int | None = None, name: str | None = None) -> np.ndarray:
     """Decode, center-crop to the face region, resize: uint8 [size, size, 3] (or the crop's shape
     when `size` is None)."""
     min_side = None if size is None else int(np.ceil(size / crop_fraction))
-    face = center_crop(decode(data, name=name, min_side=min_side), crop_fraction)
-    return face if size is None else resize(np.ascontiguousarray(face), size)
+    return crop_face(decode(data, name=name, min_side=min_side), crop_fraction, size)
 
 
 def as_rgb_array(image) -> np.ndarray:

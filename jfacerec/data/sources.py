@@ -36,7 +36,27 @@ class Source(Protocol):
     def __getitem__(self, index: int) -> dict[str, np.ndarray]: ...
 
 
-class SyntheticSource:
+class _CachedRecords:
+    """A source that keeps what it has computed in `_cache`, guarded by `_lock`.
+
+    Worker processes get the recipe, not the cache or the lock.
+    """
+
+    def __init__(self):
+        self._cache: dict[int, np.ndarray] = {}
+        self._lock = threading.Lock()
+
+    def __getstate__(self):
+        state = self.__dict__.copy()
+        state["_cache"], state["_lock"] = {}, None
+        return state
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+        self._lock = threading.Lock()
+
+
+class SyntheticSource(_CachedRecords):
     """Images `image_offset .. image_offset + images_per_identity - 1` of each given identity.
 
     Record i is image `i % images_per_identity` of identity `identity_ids[i // images_per_identity]`,
@@ -56,18 +76,7 @@ class SyntheticSource:
         self.image_size = image_size
         self.seed = seed
         self.chunk = chunk
-        self._chunks: dict[int, np.ndarray] = {}
-        self._lock = threading.Lock()
-
-    def __getstate__(self):
-        # Worker processes get the recipe, not the rendered cache or the lock.
-        state = self.__dict__.copy()
-        state["_chunks"], state["_lock"] = {}, None
-        return state
-
-    def __setstate__(self, state):
-        self.__dict__.update(state)
-        self._lock = threading.Lock()
+        super().__init__()
 
     def __len__(self) -> int:
         return len(self.identity_ids) * self.images_per_identity
@@ -84,9 +93,9 @@ class SyntheticSource:
             raise IndexError(f"record {index} out of range [0, {len(self)})")
         c, offset = divmod(index, self.chunk)
         with self._lock:
-            if c not in self._chunks:
-                self._chunks[c] = self._render_chunk(c)
-            pixels = self._chunks[c][offset]
+            if c not in self._cache:
+                self._cache[c] = self._render_chunk(c)
+            pixels = self._cache[c][offset]
         return {"image": pixels, "label": np.int32(index // self.images_per_identity)}
 
     def labels(self) -> np.ndarray:
@@ -99,7 +108,7 @@ class SyntheticSource:
                 f"{self.images_per_identity} images, size {self.image_size}, seed {self.seed})")
 
 
-class _DecodedSource:
+class _DecodedSource(_CachedRecords):
     """Records decoded from encoded images, cropped to the face and resized to `size`.
 
     Subclasses give `_encoded(i) -> (bytes or path, name)`. With `cache`, decoded faces are kept
@@ -110,17 +119,7 @@ class _DecodedSource:
                  cache: bool = False):
         self._labels = np.asarray(labels, np.int32)
         self.size, self.crop_fraction, self.cache = size, crop_fraction, cache
-        self._faces: dict[int, np.ndarray] = {}
-        self._lock = threading.Lock()
-
-    def __getstate__(self):
-        state = self.__dict__.copy()
-        state["_faces"], state["_lock"] = {}, None
-        return state
-
-    def __setstate__(self, state):
-        self.__dict__.update(state)
-        self._lock = threading.Lock()
+        super().__init__()
 
     def __len__(self) -> int:
         return len(self._labels)
@@ -135,13 +134,13 @@ class _DecodedSource:
         index = int(index)
         if not 0 <= index < len(self):
             raise IndexError(f"record {index} out of range [0, {len(self)})")
-        face = self._faces.get(index)
+        face = self._cache.get(index)
         if face is None:
             data, name = self._encoded(index)
             face = load_face(data, crop_fraction=self.crop_fraction, size=self.size, name=name)
             if self.cache:
                 with self._lock:
-                    self._faces[index] = face
+                    self._cache[index] = face
         return {"image": face, "label": self._labels[index]}
 
 
@@ -193,6 +192,22 @@ class ArrayRecordSource(_DecodedSource):
     def __repr__(self) -> str:
         return f"ArrayRecordSource({len(self)} records of {len(self.names)} identities in " \
                f"{self.directory})"
+
+
+class ArraySource:
+    """Faces already in memory, uint8 [n, h, w, 3], as records (label 0)."""
+
+    def __init__(self, images: np.ndarray):
+        self.images = np.asarray(images, np.uint8)
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def labels(self) -> np.ndarray:
+        return np.zeros(len(self.images), np.int32)
+
+    def __getitem__(self, index: int) -> dict[str, np.ndarray]:
+        return {"image": self.images[int(index)], "label": np.int32(0)}
 
 
 class Subset:
@@ -400,12 +415,11 @@ def lfw_dataset(d: ml_collections.ConfigDict, image_size: int) -> FaceDataset:
     everyone = _scan(d, d.root)
     held = lfw_identities_in_pairs(d.pairs, d.get("fold", -1)) if d.get("pairs") else set()
     outside = tuple(n for n in everyone.names if n not in held)
-    files = _scan(d, d.root, identities=outside, min_images=d.get("min_images", 1))
+    files = everyone.select(outside, d.get("min_images", 1))
     train, test = _held_out_split(d, files, image_size)
     unseen = None
     if held:
-        unseen = ImageFileSource(_scan(d, d.root, identities=tuple(sorted(held))),
-                                 **_decoding(d, image_size))
+        unseen = ImageFileSource(everyone.select(tuple(held)), **_decoding(d, image_size))
     return FaceDataset("lfw", len(files.names), train, test, unseen, files.names)
 
 
