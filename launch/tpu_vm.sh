@@ -208,9 +208,13 @@ fi
 if [[ $command == train || $command == all ]]; then
   [[ -n $config ]] || die "missing --config"
   [[ -n $workdir ]] || die "missing --workdir"
-  [[ $workdir == gs://* ]] ||
-    echo "tpu_vm.sh: warning: --workdir $workdir is on each worker's own disk;" \
-      "the workers of a multi-host slice need one shared workdir (gs://...)" >&2
+  if [[ $workdir == gs://* ]]; then
+    echo "tpu_vm.sh: warning: jfacerec does not write gs:// workdirs yet;" \
+      "mount the bucket on every worker with gcsfuse and pass the mount path" >&2
+  else
+    echo "tpu_vm.sh: warning: on a multi-host slice --workdir $workdir must be a folder" \
+      "every worker shares (e.g. a gcsfuse mount of a bucket)" >&2
+  fi
 else
   ((!delete)) || die "--delete goes with train or all (or use the delete command)"
 fi
