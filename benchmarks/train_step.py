@@ -8,10 +8,11 @@ init_state, make_train_step, jitted with the state donated as `train` does) on i
 (configs/demo.py for resnet_tiny, configs/zoo.py for the others), against an nn.Module written
 here with the same layers, widths, norms, classifier, loss (softmax cross-entropy, same label
 smoothing) and optimizer (SGD, same momentum, Nesterov and weight decay on kernels only), in
-PyTorch's default NCHW layout and in channels_last. Ours runs as it is and with the two changes
-this benchmark proposes (layers.conv_general_dilated in the backbones' convs; then XLA_OPTIONS
-as well). Steps of all of them alternate on one fixed batch, so load from other processes hits
-each alike; figures are medians over the steps after warm-up.
+PyTorch's default NCHW layout and in channels_last. Ours runs as `train` compiles it, and
+without each of the two CPU changes that made it faster (the backbones' convs computed by
+layers.conv_general_dilated; parallel.compiler_options), to show what each buys. Steps of all
+of them alternate on one fixed batch, so load from other processes hits each alike; figures are
+medians over the steps after warm-up.
 
 MFU: the model's FLOPs per image for the whole step (forward, backward and update; about 3x the
 forward), from XLA's cost analysis, times images/s, over the peak FLOP/s of a 4096^3 float32
@@ -36,7 +37,6 @@ import sys
 import time
 from typing import Callable, Iterator
 
-import flax.linen as nn_flax
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -48,7 +48,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
 from configs import demo, zoo  # noqa: E402
-from jfacerec import training  # noqa: E402
+from jfacerec import parallel, training  # noqa: E402
 from jfacerec.models import layers  # noqa: E402
 from jfacerec.objectives import Objective  # noqa: E402
 
@@ -58,15 +58,13 @@ MODELS = ("resnet_tiny", "iresnet18", "mobilefacenet")
 # convs take minutes per step of 64 in the unchanged step).
 CPU_BATCH = {"resnet_tiny": 128, "iresnet18": 16, "mobilefacenet": 16}
 GPU_BATCH = {"resnet_tiny": 512, "iresnet18": 256, "mobilefacenet": 512}
-# XLA:CPU compiles convolutions into YNNPACK calls by default, whose weight gradients (a conv
-# over the batch with the whole feature map as its window) run about 6x slower than the forward
-# conv; with only reductions left to YNNPACK, convs go to Eigen (weight gradient ~1.5x forward).
-XLA_OPTIONS = {"xla_cpu_experimental_ynn_fusion_type": "LIBRARY_FUSION_TYPE_REDUCE"}
-# Ours as training.train compiles it; with the backbones' convs computed by
-# layers.conv_general_dilated; and with XLA_OPTIONS as well.
-VARIANTS = ("as_is", "conv", "conv_xla_options")
+# Ours as training.train compiles it; without parallel.compiler_options (XLA's default CPU
+# options); and without those nor layers.conv_general_dilated (every conv lax's: the code before
+# the performance work).
+VARIANTS = ("ours", "default_xla_options", "lax_convs_default_xla_options")
 # A variant stops being timed once it has a timed step and has run this many seconds (warm-up
-# included), so that a pathologically slow one (MobileFaceNet as is) does not hold the run.
+# included), so that a pathologically slow one (MobileFaceNet with lax's grouped convs: minutes a
+# step) does not hold the run.
 VARIANT_BUDGET_S = 120.0
 
 
@@ -265,43 +263,36 @@ def get_config(name: str, batch: int, dtype: str):
     return config
 
 
-class Conv(nn_flax.Conv):
-    """flax's nn.Conv computing with layers.conv_general_dilated; named Conv so that the modules
-    it stands in for keep their parameter names."""
-
-    conv_general_dilated: Callable | None = layers.conv_general_dilated
-
-
 @contextlib.contextmanager
-def tap_convs(enabled: bool) -> Iterator[None]:
-    """While enabled, every nn.Conv the backbones build is `Conv` above: what they would compute
-    if they passed conv_general_dilated=layers.conv_general_dilated to nn.Conv."""
-    original = nn_flax.Conv
+def lax_convs(enabled: bool) -> Iterator[None]:
+    """While enabled, the backbones' convs (layers.conv2d) compute with lax.conv_general_dilated,
+    as they did before layers.conv_general_dilated."""
+    original = layers.conv_general_dilated
     if enabled:
-        nn_flax.Conv = Conv
+        layers.conv_general_dilated = jax.lax.conv_general_dilated
     try:
         yield
     finally:
-        nn_flax.Conv = original
+        layers.conv_general_dilated = original
 
 
 def jax_step(config, classes: int, variant: str) -> tuple[Callable[[], None], dict]:
     """(run one step and wait for it, facts: FLOPs of a step, parameter count and shapes).
 
-    variant: one of VARIANTS; "as_is" is training.train's jit (state donated, default options).
+    variant: one of VARIANTS; "ours" is training.train's jit (state donated, its options).
     """
     model = training.build_model(config, classes)
     tx = training.make_optimizer(config)
     size, batch = config.image_size, config.batch_size
     data = {"image": jax.random.normal(jax.random.key(1), (batch, size, size, 3)),
             "label": jax.random.randint(jax.random.key(2), (batch,), 0, classes)}
-    with tap_convs(variant.startswith("conv")):
+    with lax_convs(variant.startswith("lax_convs")):
         state = training.init_state(model, tx, size, jax.random.key(0),
                                     Objective.from_config(config))
         # As training.train jits it: the old state's buffers are reused for the new one.
         lowered = jax.jit(training.make_train_step(model, tx, config),
                           donate_argnums=0).lower(state, data)
-    options = XLA_OPTIONS if variant.endswith("xla_options") else None
+    options = None if variant.endswith("default_xla_options") else parallel.compiler_options()
     compiled = lowered.compile(compiler_options=options)
     cost = compiled.cost_analysis()
     facts = {
@@ -371,12 +362,12 @@ def compare(name: str, batch: int, steps: int, warmup: int, gpu: bool) -> dict:
     config = get_config(name, batch, "bfloat16" if gpu else "float32")
     classes = config.dataset.num_identities
     runs, facts = {}, {}
-    # On the GPU the options and tap convs (CPU workarounds) are left out, and torch gets its
-    # best set-up directly.
-    for variant in ("as_is",) if gpu else VARIANTS:
+    # On the GPU only ours runs (the tap convs and the options are CPU-only: off there by
+    # themselves), and torch gets its best set-up directly.
+    for variant in ("ours",) if gpu else VARIANTS:
         runs[f"jax_{variant}"], facts[variant] = jax_step(config, classes, variant)
-        assert facts[variant]["param_shapes"] == facts["as_is"]["param_shapes"], variant
-    jax_params = facts["as_is"]["parameters"]
+        assert facts[variant]["param_shapes"] == facts["ours"]["param_shapes"], variant
+    jax_params = facts["ours"]["parameters"]
     for layout in ("channels_last",) if gpu else ("contiguous", "channels_last"):
         runs[f"torch_{layout}"], torch_params = torch_step(config, classes,
                                                            layout == "channels_last", gpu)
@@ -391,14 +382,20 @@ def compare(name: str, batch: int, steps: int, warmup: int, gpu: bool) -> dict:
                 continue
             t = seconds(run)
             spent[key] += t
-            if i >= warmup:
+            # A step longer than the whole budget is its own sample, warm-up or not (XLA has
+            # compiled already; the first run's extra cost is small against minutes).
+            if i >= warmup or t > VARIANT_BUDGET_S:
                 times[key].append(t)
     rates = {k: batch / float(np.median(v)) for k, v in times.items()}
     torch_best = max((k for k in rates if k.startswith("torch_")), key=rates.get)
-    flops = facts["as_is"]["flops"] / batch
+    # Model FLOPs from lax's convs: the tap convs' elementwise multiply-adds count alike, but the
+    # model is the same whichever way a conv is computed.
+    model_facts = facts.get("lax_convs_default_xla_options", facts["ours"])
+    flops = model_facts["flops"] / batch
     result = {"batch": batch, "image_size": config.image_size, "dtype": config.dtype,
               "parameters": jax_params, "flops_per_image": flops,
-              "compiled_flops_per_image": facts["as_is"]["compiled_flops"] / batch,
+              "compiled_flops_per_image": {v: f["compiled_flops"] / batch
+                                           for v, f in facts.items()},
               **{f"{k}_images_per_s": v for k, v in rates.items()},
               "torch_best": torch_best.removeprefix("torch_"),
               **{f"ratio_{k}_to_torch_best": rates[k] / rates[torch_best]
@@ -482,7 +479,7 @@ def main() -> None:
           f"{torch.get_num_threads()}; load average {load_before:.1f} before, "
           f"{os.getloadavg()[0]:.1f} after")
     print(json.dumps({"peak_flops": peak, "peak_flops_after": peak_after, "steps": args.steps,
-                      "warmup": args.warmup, "xla_options": XLA_OPTIONS,
+                      "warmup": args.warmup, "xla_options": parallel.compiler_options(),
                       "load_average": [load_before, os.getloadavg()[0]], "machine": machine(),
                       "results": results}))
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any, Callable
 
 import jax
@@ -43,7 +44,7 @@ def make_embed_fn(model: FaceModel, *, flip: bool) -> Callable:
     With `flip`, the embedding is normalise(embed(x) + embed(flip_lr(x))), as in arcface_torch.
     """
 
-    @jax.jit
+    @functools.partial(jax.jit, compiler_options=parallel.compiler_options())
     def embed(variables, images):
         e = model.apply(variables, images, return_feats=True)
         if flip:
@@ -59,7 +60,7 @@ def make_logits_fn(model: FaceModel, *, flip: bool) -> Callable:
     With `flip`, the classifier scores the mean of the embeddings of x and flip_lr(x).
     """
 
-    @jax.jit
+    @functools.partial(jax.jit, compiler_options=parallel.compiler_options())
     def logits(variables, images):
         e = model.apply(variables, images, return_feats=True)
         if flip:

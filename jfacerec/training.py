@@ -304,7 +304,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
     train_step = jax.jit(make_train_step(model, tx, config, mesh),
                          in_shardings=(state_sharding, batch_sharding),
                          out_shardings=(state_sharding, parallel.replicated(mesh)),
-                         donate_argnums=0)
+                         donate_argnums=0, compiler_options=parallel.compiler_options())
 
     # -- Resume or initialise ---------------------------------------------------------------------
     checkpointer = Checkpointer(workdir, keep=config.keep_checkpoints)

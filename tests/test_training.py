@@ -32,19 +32,19 @@ def read_metrics(workdir):
 
 
 def test_training_learns_and_writes_its_outputs(tmp_path):
-    config = tiny_config(total_steps=100, checkpoint_every_steps=25, log_every_steps=10)
+    config = tiny_config(total_steps=200, checkpoint_every_steps=50, log_every_steps=20)
     state = train(config, str(tmp_path))
     rows = read_metrics(tmp_path)
-    assert [r["step"] for r in rows] == list(range(10, 101, 10))
+    assert [r["step"] for r in rows] == list(range(20, 201, 20))
     for key in ("step", "loss", "learning_rate", "images_per_second", "accuracy"):
         assert key in rows[0]
     assert rows[-1]["loss"] < 0.7 * rows[0]["loss"]
     assert np.mean([r["accuracy"] for r in rows[-3:]]) > 0.5  # chance is 1/8
     assert json.load(open(tmp_path / "config.json"))["model"]["name"] == "resnet_tiny"
     assert any(name.startswith("events") for name in os.listdir(tmp_path / "tb"))
-    assert sorted(os.listdir(tmp_path / "checkpoints")) == ["100", "75"]  # keep_checkpoints=2
+    assert sorted(os.listdir(tmp_path / "checkpoints")) == ["150", "200"]  # keep_checkpoints=2
     restored, step = restore_params(config, str(tmp_path))
-    assert step == 100
+    assert step == 200
     chex.assert_trees_all_equal(jax.device_get(restored.params), jax.device_get(state.params))
 
     results = evaluate(config, str(tmp_path))

@@ -8,7 +8,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from jfacerec.models.layers import DropBlock, Norm, conv_kernel_init
+from jfacerec.models.layers import DropBlock, Norm, conv2d
 
 
 def _norm(kind: str, groups: int, dtype: Any, name: str | None = None):
@@ -30,8 +30,8 @@ class ConvNeXtBlock(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
-        y = nn.Conv(self.dim, (7, 7), padding="SAME", feature_group_count=self.dim,
-                    kernel_init=conv_kernel_init(), dtype=self.dtype, name="dwconv")(x)
+        y = conv2d(self.dim, (7, 7), padding="SAME", feature_group_count=self.dim,
+                   dtype=self.dtype, name="dwconv")(x)
         y = _norm(self.norm, self.norm_groups, self.dtype, "norm")(y, train)
         y = nn.Dense(4 * self.dim, dtype=self.dtype, name="pwconv1")(y)
         y = nn.gelu(y)
@@ -53,14 +53,14 @@ class ConvNeXt(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
         x = x.astype(self.dtype)
-        x = nn.Conv(self.dims[0], (4, 4), (4, 4), padding="VALID",
-                    kernel_init=conv_kernel_init(), dtype=self.dtype, name="stem")(x)
+        x = conv2d(self.dims[0], (4, 4), (4, 4), padding="VALID", dtype=self.dtype,
+                   name="stem")(x)
         x = _norm(self.norm, self.norm_groups, self.dtype, "stem_norm")(x, train)
         for i, (depth, dim) in enumerate(zip(self.depths, self.dims)):
             if i > 0:
                 x = _norm(self.norm, self.norm_groups, self.dtype, f"down{i}_norm")(x, train)
-                x = nn.Conv(dim, (2, 2), (2, 2), padding="VALID", kernel_init=conv_kernel_init(),
-                            dtype=self.dtype, name=f"down{i}")(x)
+                x = conv2d(dim, (2, 2), (2, 2), padding="VALID", dtype=self.dtype,
+                           name=f"down{i}")(x)
             for j in range(depth):
                 x = ConvNeXtBlock(dim, self.norm, self.norm_groups, dtype=self.dtype,
                                   name=f"stage{i + 1}_block{j + 1}")(x, train=train)

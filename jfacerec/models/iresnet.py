@@ -13,7 +13,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from jfacerec.models.layers import DropBlock, Norm, PReLU, conv_kernel_init
+from jfacerec.models.layers import DropBlock, Norm, PReLU, conv2d
 
 _PAD1 = ((1, 1), (1, 1))  # torch padding=1: the same pixels as arcface_torch at stride 2
 
@@ -42,9 +42,9 @@ class IBasicBlock(nn.Module):
     def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
         norm = lambda name: Norm(self.norm, self.norm_groups, dtype=self.dtype,  # noqa: E731
                                  name=name)
-        conv = lambda k, s, pad, name: nn.Conv(  # noqa: E731
-            self.features, (k, k), (s, s), padding=pad, use_bias=False,
-            kernel_init=conv_kernel_init(), dtype=self.dtype, name=name)
+        conv = lambda k, s, pad, name: conv2d(  # noqa: E731
+            self.features, (k, k), (s, s), padding=pad, use_bias=False, dtype=self.dtype,
+            name=name)
         y = norm("bn1")(x, train=train)
         y = conv(3, 1, _PAD1, "conv1")(y)
         y = PReLU(name="prelu")(norm("bn2")(y, train=train))
@@ -72,8 +72,8 @@ class IResNet(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
         x = x.astype(self.dtype)
-        x = nn.Conv(self.widths[0], (3, 3), padding=_PAD1, use_bias=False,
-                    kernel_init=conv_kernel_init(), dtype=self.dtype, name="conv1")(x)
+        x = conv2d(self.widths[0], (3, 3), padding=_PAD1, use_bias=False, dtype=self.dtype,
+                   name="conv1")(x)
         x = Norm(self.norm, self.norm_groups, dtype=self.dtype, name="bn1")(x, train=train)
         x = PReLU(name="prelu")(x)
         for i, (size, width) in enumerate(zip(self.stage_sizes, self.widths)):

@@ -1,8 +1,9 @@
-"""Building blocks shared by the backbones: normalisation chosen by name."""
+"""Building blocks shared by the backbones: normalisation chosen by name, convolutions."""
 
 from __future__ import annotations
 
-from typing import Any
+import functools
+from typing import Any, Sequence
 
 import flax.linen as nn
 import jax
@@ -16,6 +17,130 @@ def _divisor_at_most(channels: int, groups: int) -> int:
     return max(d for d in range(1, min(groups, channels) + 1) if channels % d == 0)
 
 
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5, 6))
+def _normalize(x: jax.Array, scale: jax.Array, bias: jax.Array, groups: int, over_batch: bool,
+               eps: float, dtype: Any) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Normalises x [batch, positions, channels] per group of channels, then scales and shifts.
+
+    Statistics are taken over the positions and the group's channels, and also over the batch
+    when `over_batch` (BatchNorm: one group per channel). scale, bias: float32 [channels].
+    Returns y [batch, positions, channels] in `dtype`, and the mean and var [1 or batch, groups]:
+    flax's BatchNorm / GroupNorm arithmetic (statistics in float32 or wider, var = E[x^2] -
+    E[x]^2 clipped at 0, y = (x - mean) * scale / sqrt(var + eps) + bias).
+
+    Why not flax's modules: the gradient autodiff derives from them is several passes over the
+    activations per norm; the backward below is one reducing pass over (dy, x) and one
+    elementwise pass. Every large reduction is a per-channel sum over positions (and batch),
+    which XLA:CPU hands to its fast reduction library; the group sums come after, on
+    [batch, channels].
+    """
+    return _normalize_fwd(x, scale, bias, groups, over_batch, eps, dtype)[0]
+
+
+def _per_channel(x: jax.Array, over_batch: bool) -> jax.Array:
+    """Sums of x [batch, positions, channels] over positions (and batch): [1 or batch, channels]."""
+    return jnp.sum(x, (0, 1))[None] if over_batch else jnp.sum(x, 1)
+
+
+def _group_sum(x: jax.Array, groups: int) -> jax.Array:
+    """[rows, channels] -> [rows, groups]: sums over each group's consecutive channels."""
+    return jnp.sum(x.reshape(x.shape[0], groups, -1), -1)
+
+
+def _to_channels(x: jax.Array, channels: int) -> jax.Array:
+    """[rows, groups] -> [rows, 1, channels]: each group's value on each of its channels."""
+    return jnp.repeat(x, channels // x.shape[1], axis=1)[:, None, :]
+
+
+def _normalize_fwd(x: jax.Array, scale: jax.Array, bias: jax.Array, groups: int,
+                   over_batch: bool, eps: float, dtype: Any) -> tuple[tuple, tuple]:
+    """(_normalize's outputs, the residuals its backward needs)."""
+    channels = x.shape[2]
+    count = x.shape[1] * channels // groups * (x.shape[0] if over_batch else 1)
+    x32 = x.astype(jnp.promote_types(x.dtype, jnp.float32))
+    mean = _group_sum(_per_channel(x32, over_batch), groups) / count
+    var = jnp.maximum(_group_sum(_per_channel(x32 * x32, over_batch), groups) / count
+                      - mean * mean, 0.0)
+    inv = jax.lax.rsqrt(var + eps)
+    y = (x32 - _to_channels(mean, channels)) * (_to_channels(inv, channels) * scale) + bias
+    return (y.astype(dtype), mean, var), (x, scale, mean, inv)
+
+
+def _normalize_bwd(groups: int, over_batch: bool, eps: float, dtype: Any, residuals: tuple,
+                   cotangents: tuple) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Cotangents of (x, scale, bias) from those of (y, mean, var)."""
+    del eps, dtype
+    x, scale, mean, inv = residuals
+    dy, dmean, dvar = cotangents
+    channels = x.shape[2]
+    count = x.shape[1] * channels // groups * (x.shape[0] if over_batch else 1)
+    dy = dy.astype(mean.dtype)
+    centred = x.astype(mean.dtype) - _to_channels(mean, channels)
+    inv_c = _to_channels(inv, channels)  # [rows, 1, channels]
+    # One pass over (dy, x): per channel, the sums of dy and of dy * (x - mean).
+    sum_dy = _per_channel(dy, over_batch)
+    sum_dyc = _per_channel(dy * centred, over_batch)
+    dbias = jnp.sum(sum_dy, 0)
+    dscale = jnp.sum(sum_dyc * inv_c[:, 0], 0)  # sum of dy * xhat, xhat = (x - mean) * inv
+    # With dxhat = dy * scale: dx = inv (dxhat - mean(dxhat) - xhat mean(dxhat xhat)), plus the
+    # mean and var outputs' own cotangents (d mean / dx = 1 / n, d var / dx = 2 (x - mean) / n),
+    # gathered as dx = inv * scale * dy + c1 * (x - mean) + c0, c1 and c0 per group.
+    g = _group_sum(scale * sum_dy, groups)  # sum of dxhat
+    gx = _group_sum(scale * sum_dyc, groups) * inv  # sum of dxhat * xhat
+    c1 = (2.0 * dvar - inv * inv * gx) / count
+    c0 = (dmean - inv * g) / count
+    dx = dy * (inv_c * scale) + centred * _to_channels(c1, channels) + _to_channels(c0, channels)
+    return dx.astype(x.dtype), dscale, dbias
+
+
+_normalize.defvjp(_normalize_fwd, _normalize_bwd)
+
+
+class _BatchNorm(nn.Module):
+    """flax's nn.BatchNorm over every axis but the last: the same variables and arithmetic."""
+
+    momentum: float
+    eps: float
+    dtype: Any
+    scale_init: Any
+
+    @nn.compact
+    def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
+        channels = x.shape[-1]
+        ra_mean = self.variable("batch_stats", "mean", jnp.zeros, (channels,), jnp.float32)
+        ra_var = self.variable("batch_stats", "var", jnp.ones, (channels,), jnp.float32)
+        scale = self.param("scale", self.scale_init, (channels,), jnp.float32)
+        bias = self.param("bias", nn.initializers.zeros, (channels,), jnp.float32)
+        if not train:
+            y = (x.astype(jnp.float32) - ra_mean.value) * (
+                jax.lax.rsqrt(ra_var.value + self.eps) * scale) + bias
+            return y.astype(self.dtype)
+        y, mean, var = _normalize(x.reshape(x.shape[0], -1, channels), scale, bias, channels,
+                                  True, self.eps, self.dtype)
+        if not self.is_initializing():
+            ra_mean.value = self.momentum * ra_mean.value + (1 - self.momentum) * mean[0]
+            ra_var.value = self.momentum * ra_var.value + (1 - self.momentum) * var[0]
+        return y.reshape(x.shape)
+
+
+class _GroupNorm(nn.Module):
+    """flax's nn.GroupNorm: per example, statistics over space and each group's channels."""
+
+    groups: int
+    eps: float
+    dtype: Any
+    scale_init: Any
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        channels = x.shape[-1]
+        scale = self.param("scale", self.scale_init, (channels,), jnp.float32)
+        bias = self.param("bias", nn.initializers.zeros, (channels,), jnp.float32)
+        y, _, _ = _normalize(x.reshape(x.shape[0], -1, channels), scale, bias, self.groups,
+                             False, self.eps, self.dtype)
+        return y.reshape(x.shape)
+
+
 class Norm(nn.Module):
     """Normalisation of a `[batch, ..., channels]` tensor, selected by `kind`.
 
@@ -24,6 +149,10 @@ class Norm(nn.Module):
     - group: `groups` channel groups (reduced to a divisor of the channel count), stats per example.
     - layer: one group spanning all of space and channels (LayerNorm over H, W, C).
     - instance: one group per channel.
+
+    Variables and outputs are those of flax's nn.BatchNorm and nn.GroupNorm, in submodules of the
+    same names (BatchNorm_0, GroupNorm_0) so that checkpoints carry over; see `_normalize` for
+    why the arithmetic is written out here.
     """
 
     kind: str = "group"
@@ -37,9 +166,8 @@ class Norm(nn.Module):
     def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
         channels = x.shape[-1]
         if self.kind == "batch":
-            return nn.BatchNorm(use_running_average=not train, momentum=self.momentum,
-                                epsilon=self.eps, dtype=self.dtype,
-                                scale_init=self.scale_init)(x)
+            return _BatchNorm(self.momentum, self.eps, self.dtype, self.scale_init,
+                              name="BatchNorm_0")(x, train=train)
         if self.kind == "group":
             groups = _divisor_at_most(channels, self.groups)
         elif self.kind == "layer":
@@ -48,14 +176,87 @@ class Norm(nn.Module):
             groups = channels
         else:
             raise ValueError(f"unknown norm {self.kind!r}; choose one of {NORMS}")
-        return nn.GroupNorm(num_groups=groups, epsilon=self.eps, dtype=self.dtype,
-                            scale_init=self.scale_init)(x)
+        return _GroupNorm(groups, self.eps, self.dtype, self.scale_init, name="GroupNorm_0")(x)
 
 
 def conv_kernel_init() -> Any:
     """He-normal (fan-out) initialisation, as torchvision and arcface_torch use for convs."""
     return nn.initializers.variance_scaling(2.0, "fan_out", "normal")
 
+
+_NHWC = jax.lax.ConvDimensionNumbers(lhs_spec=(0, 3, 1, 2), rhs_spec=(3, 2, 0, 1),
+                                     out_spec=(0, 3, 1, 2))
+
+
+def conv_general_dilated(lhs: jax.Array, rhs: jax.Array, window_strides: Sequence[int],
+                         padding: str | Sequence[tuple[int, int]],
+                         lhs_dilation: Sequence[int] | None = None,
+                         rhs_dilation: Sequence[int] | None = None,
+                         dimension_numbers: Any = None, feature_group_count: int = 1,
+                         batch_group_count: int = 1, precision: Any = None,
+                         preferred_element_type: Any = None) -> jax.Array:
+    """jax.lax.conv_general_dilated, computed as a sum over the kernel's taps where XLA:CPU's own
+    lowering is slow; pass it to nn.Conv(conv_general_dilated=...).
+
+    lhs [batch, height, width, in], rhs [kh, kw, in / groups, out] (flax's layout). Two cases go
+    tap by tap, each tap a strided slice of the padded input:
+    - grouped and depthwise convs (feature_group_count > 1): XLA:CPU expands the groups into a
+      dense conv with a block-diagonal kernel, `groups` times the work (MobileFaceNet's 3x3
+      depthwise convs ran at ~0.1 GFLOP/s); here each tap is a broadcast multiply-add, fused.
+    - standard convs on maps with fewer positions than the kernel has taps (a 3x3 kernel on a
+      2x2 map): XLA swaps the operands into a layout that only its naive loop emitter runs,
+      forward and for the input gradient; here each tap is a matmul.
+    Everything else (any dilation, other backends) goes to jax.lax.conv_general_dilated.
+    """
+    spatial = lhs.shape[1:3]
+    kernel = rhs.shape[:2]
+    strides = tuple(window_strides)
+    dilated = any(d != 1 for d in (*(lhs_dilation or ()), *(rhs_dilation or ())))
+    nhwc = dimension_numbers is None or jax.lax.conv_dimension_numbers(
+        lhs.shape, rhs.shape, dimension_numbers) == _NHWC
+    pads = (jax.lax.padtype_to_pads(spatial, kernel, strides, padding)
+            if isinstance(padding, str) else tuple(tuple(p) for p in padding))
+    out = tuple((n + lo + hi - k) // s + 1
+                for n, (lo, hi), k, s in zip(spatial, pads, kernel, strides))
+    taps = kernel[0] * kernel[1]
+    small = min(spatial[0] * spatial[1], out[0] * out[1]) < taps
+    if (jax.default_backend() != "cpu" or dilated or not nhwc or batch_group_count != 1
+            or lhs.ndim != 4 or (feature_group_count == 1 and not small)):
+        return jax.lax.conv_general_dilated(
+            lhs, rhs, strides, padding, lhs_dilation, rhs_dilation, dimension_numbers,
+            feature_group_count, batch_group_count, precision, preferred_element_type)
+    out_dtype = preferred_element_type or jnp.result_type(lhs, rhs)
+    acc = jnp.promote_types(out_dtype, jnp.float32)
+    x = jnp.pad(lhs, ((0, 0), *pads, (0, 0)))
+    batch, groups = lhs.shape[0], feature_group_count
+    group_in, features = rhs.shape[2], rhs.shape[3]
+    y = jnp.zeros((batch, *out, groups, features // groups), acc)
+    for i in range(kernel[0]):
+        for j in range(kernel[1]):
+            tap = jax.lax.slice(x, (0, i, j, 0),
+                                (batch, i + strides[0] * (out[0] - 1) + 1,
+                                 j + strides[1] * (out[1] - 1) + 1, x.shape[3]),
+                                (1, *strides, 1))  # [batch, out_h, out_w, in]
+            w = rhs[i, j]  # [in / groups, out]
+            if groups == 1:
+                y = y + jnp.dot(tap, w, precision=precision,
+                                preferred_element_type=acc)[..., None, :]
+                continue
+            tap = tap.reshape(*tap.shape[:3], groups, group_in).astype(acc)
+            w = w.reshape(group_in, groups, features // groups).astype(acc)
+            for k in range(group_in):
+                y = y + tap[..., k, None] * w[k]
+    return y.reshape(batch, *out, features).astype(out_dtype)
+
+
+def conv2d(features: int, kernel_size: Sequence[int], strides: Sequence[int] = (1, 1),
+           **kwargs: Any) -> nn.Conv:
+    """The backbones' nn.Conv: their initialiser, computing through `conv_general_dilated`.
+
+    Variables and names are nn.Conv's (so checkpoints carry over); kwargs go to nn.Conv.
+    """
+    return nn.Conv(features, kernel_size, strides, kernel_init=conv_kernel_init(),
+                   conv_general_dilated=conv_general_dilated, **kwargs)
 
 
 CONV_KINDS = ("standard", "depthwise", "pointwise", "separable")
@@ -122,9 +323,9 @@ class Conv(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
-        conv = lambda f, k, s, groups, name: nn.Conv(  # noqa: E731
+        conv = lambda f, k, s, groups, name: conv2d(  # noqa: E731
             f, (k, k), (s, s), padding=self.padding, feature_group_count=groups,
-            use_bias=self.use_bias, kernel_init=conv_kernel_init(), dtype=self.dtype, name=name)
+            use_bias=self.use_bias, dtype=self.dtype, name=name)
         channels = x.shape[-1]
         if self.kind == "standard":
             return conv(self.features, self.kernel, self.strides, 1, "conv")(x)

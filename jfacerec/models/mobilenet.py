@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 
 from jfacerec.models.iresnet import embedding_norm
-from jfacerec.models.layers import DropBlock, Norm, PReLU, conv_kernel_init
+from jfacerec.models.layers import DropBlock, Norm, PReLU, conv2d
 
 
 class ConvNorm(nn.Module):
@@ -32,9 +32,9 @@ class ConvNorm(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
         pad = self.kernel // 2
-        x = nn.Conv(self.features, (self.kernel, self.kernel), (self.strides, self.strides),
-                    padding=((pad, pad), (pad, pad)), feature_group_count=self.groups,
-                    use_bias=False, kernel_init=conv_kernel_init(), dtype=self.dtype)(x)
+        x = conv2d(self.features, (self.kernel, self.kernel), (self.strides, self.strides),
+                   padding=((pad, pad), (pad, pad)), feature_group_count=self.groups,
+                   use_bias=False, dtype=self.dtype)(x)
         x = Norm(self.norm, self.norm_groups, dtype=self.dtype)(x, train=train)
         if self.act == "prelu":
             return PReLU()(x)
@@ -95,9 +95,8 @@ class MobileFaceNet(nn.Module):
         x = ConvNorm(ch(512), 1, **kw)(x, train=train)
         # GDC: a depthwise conv over the whole remaining map (7x7 at 112x112 input).
         h, w = x.shape[1:3]
-        x = nn.Conv(x.shape[-1], (h, w), padding="VALID", feature_group_count=x.shape[-1],
-                    use_bias=False, kernel_init=conv_kernel_init(), dtype=self.dtype,
-                    name="gdc")(x)
+        x = conv2d(x.shape[-1], (h, w), padding="VALID", feature_group_count=x.shape[-1],
+                   use_bias=False, dtype=self.dtype, name="gdc")(x)
         x = Norm(self.norm, self.norm_groups, dtype=self.dtype, name="gdc_norm")(x, train=train)
         x = x.reshape(x.shape[0], -1)
         x = nn.Dropout(self.dropout, deterministic=not train)(x)

@@ -8,7 +8,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from jfacerec.models.layers import DropBlock, Norm, conv_kernel_init
+from jfacerec.models.layers import DropBlock, Norm, conv2d
 
 
 class _Block(nn.Module):
@@ -21,9 +21,9 @@ class _Block(nn.Module):
     dtype: Any = jnp.float32
 
     def conv(self, features: int, kernel: int, strides: int, name: str) -> nn.Conv:
-        return nn.Conv(features, (kernel, kernel), (strides, strides),
-                       padding="SAME" if kernel > 1 else "VALID", use_bias=False,
-                       kernel_init=conv_kernel_init(), dtype=self.dtype, name=name)
+        return conv2d(features, (kernel, kernel), (strides, strides),
+                      padding="SAME" if kernel > 1 else "VALID", use_bias=False,
+                      dtype=self.dtype, name=name)
 
     def make_norm(self, name: str, last: bool = False) -> Norm:
         # A zero-initialised last scale makes each block start as the identity (Goyal et al.
@@ -90,15 +90,14 @@ class ResNet(nn.Module):
         block_cls = {"basic": BasicBlock, "bottleneck": BottleneckBlock}[self.block]
         x = x.astype(self.dtype)
         if self.stem == "imagenet":
-            x = nn.Conv(self.widths[0], (7, 7), (2, 2), padding=[(3, 3), (3, 3)], use_bias=False,
-                        kernel_init=conv_kernel_init(), dtype=self.dtype, name="stem")(x)
+            x = conv2d(self.widths[0], (7, 7), (2, 2), padding=[(3, 3), (3, 3)],
+                       use_bias=False, dtype=self.dtype, name="stem")(x)
             x = nn.relu(Norm(self.norm, self.norm_groups, dtype=self.dtype,
                              name="stem_norm")(x, train=train))
             x = nn.max_pool(x, (3, 3), (2, 2), padding="SAME")
         elif self.stem == "small":
-            x = nn.Conv(self.widths[0], (3, 3), (self.stem_strides,) * 2, padding="SAME",
-                        use_bias=False,
-                        kernel_init=conv_kernel_init(), dtype=self.dtype, name="stem")(x)
+            x = conv2d(self.widths[0], (3, 3), (self.stem_strides,) * 2, padding="SAME",
+                       use_bias=False, dtype=self.dtype, name="stem")(x)
             x = nn.relu(Norm(self.norm, self.norm_groups, dtype=self.dtype,
                              name="stem_norm")(x, train=train))
         else:

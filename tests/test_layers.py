@@ -1,0 +1,112 @@
+"""layers.conv_general_dilated and layers.Norm against the JAX / flax operations they replace."""
+
+import chex
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jfacerec.models.layers import Norm, conv2d, conv_general_dilated
+
+# (input [b, h, w, c], kernel [kh, kw, c / groups, out], strides, padding, groups): the cases
+# computed tap by tap (grouped, depthwise with a multiplier, a 3x3 kernel on a 2x2 map,
+# MobileFaceNet's GDC) and one handed to XLA unchanged.
+CASES = {
+    "depthwise_same": ((2, 9, 9, 6), (3, 3, 1, 6), (1, 1), "SAME", 6),
+    "depthwise_stride2": ((2, 9, 8, 6), (3, 3, 1, 6), (2, 2), ((1, 1), (1, 1)), 6),
+    "depthwise_multiplier2": ((2, 7, 7, 4), (3, 3, 1, 8), (1, 1), "SAME", 4),
+    "grouped": ((2, 8, 8, 8), (3, 3, 2, 12), (1, 1), "SAME", 4),
+    "gdc_7x7_valid": ((3, 7, 7, 5), (7, 7, 1, 5), (1, 1), "VALID", 5),
+    "tiny_map_3x3": ((4, 2, 2, 6), (3, 3, 6, 10), (1, 1), "SAME", 1),
+    "tiny_map_stride2": ((4, 3, 3, 6), (3, 3, 6, 7), (2, 2), "SAME", 1),
+    "dense_to_xla": ((2, 8, 8, 3), (3, 3, 3, 5), (1, 1), "SAME", 1),
+}
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_conv_equals_lax_conv_and_its_gradients(case):
+    x_shape, w_shape, strides, padding, groups = CASES[case]
+    x = jax.random.normal(jax.random.key(0), x_shape)
+    w = jax.random.normal(jax.random.key(1), w_shape)
+    dims = ("NHWC", "HWIO", "NHWC")
+
+    def ours(x, w):
+        return conv_general_dilated(x, w, strides, padding, dimension_numbers=dims,
+                                    feature_group_count=groups)
+
+    def reference(x, w):
+        return jax.lax.conv_general_dilated(x, w, strides, padding, dimension_numbers=dims,
+                                            feature_group_count=groups,
+                                            precision=jax.lax.Precision.HIGHEST)
+
+    y, y_ref = jax.jit(ours)(x, w), jax.jit(reference)(x, w)
+    chex.assert_equal_shape([y, y_ref])
+    chex.assert_type(y, jnp.float32)
+    np.testing.assert_allclose(y, y_ref, rtol=1e-4, atol=1e-4)
+    cotangent = jax.random.normal(jax.random.key(2), y.shape)
+    grads = jax.jit(jax.grad(lambda x, w: jnp.sum(ours(x, w) * cotangent), (0, 1)))(x, w)
+    grads_ref = jax.jit(jax.grad(lambda x, w: jnp.sum(reference(x, w) * cotangent), (0, 1)))(x, w)
+    chex.assert_trees_all_close(grads, grads_ref, rtol=1e-4, atol=1e-3)
+
+
+def test_conv2d_keeps_nn_convs_variables_and_dtype():
+    x = jnp.ones((2, 6, 6, 4), jnp.bfloat16)
+    ours = conv2d(8, (3, 3), feature_group_count=4, dtype=jnp.bfloat16)
+    plain = nn.Conv(8, (3, 3), feature_group_count=4, dtype=jnp.bfloat16)
+    v_ours, v_plain = ours.init(jax.random.key(0), x), plain.init(jax.random.key(0), x)
+    chex.assert_trees_all_equal_shapes_and_dtypes(v_ours, v_plain)
+    y = ours.apply(v_ours, x)
+    chex.assert_type(y, jnp.bfloat16)
+    np.testing.assert_allclose(np.asarray(y, np.float32),
+                               np.asarray(plain.apply(v_ours, x), np.float32), rtol=2e-2,
+                               atol=2e-2)
+
+
+@pytest.mark.parametrize("kind,reference", [
+    ("batch", lambda: nn.BatchNorm(use_running_average=False, momentum=0.9, epsilon=1e-5)),
+    ("group", lambda: nn.GroupNorm(num_groups=4, epsilon=1e-5)),
+    ("instance", lambda: nn.GroupNorm(num_groups=8, epsilon=1e-5)),
+    ("layer", lambda: nn.GroupNorm(num_groups=1, epsilon=1e-5)),
+])
+def test_norm_equals_flax_outputs_gradients_and_statistics(kind, reference):
+    # Non-zero mean and a spread of scales, so that the statistics matter.
+    x = 3.0 + 2.0 * jax.random.normal(jax.random.key(0), (4, 5, 5, 8))
+    ours, ref = Norm(kind, groups=4, momentum=0.9), reference()
+    v_ref = ref.init(jax.random.key(1), x)
+    # Non-trivial scale and bias, the same in both, under the submodule name ours uses.
+    params = {"scale": 1.0 + jax.random.normal(jax.random.key(2), (8,)) * 0.3,
+              "bias": jax.random.normal(jax.random.key(3), (8,))}
+    v_ref = {**v_ref, "params": params}
+    sub = "BatchNorm_0" if kind == "batch" else "GroupNorm_0"
+    v_ours = {k: {sub: v} for k, v in v_ref.items()}
+    chex.assert_trees_all_equal_shapes_and_dtypes(
+        v_ours, ours.init(jax.random.key(1), x, train=True))
+    cotangent = jax.random.normal(jax.random.key(4), x.shape)
+
+    def loss(apply, variables, x):
+        def f(params, x):
+            y, updates = apply({**variables, "params": params}, x)
+            return jnp.sum(y * cotangent), updates
+        return jax.grad(f, (0, 1), has_aux=True)(variables["params"], x)
+
+    def apply_ours(v, x):
+        return ours.apply(v, x, train=True, mutable=["batch_stats"])
+
+    def apply_ref(v, x):
+        return ref.apply(v, x, mutable=["batch_stats"])
+
+    y, stats = apply_ours(v_ours, x)
+    y_ref, stats_ref = apply_ref(v_ref, x)
+    np.testing.assert_allclose(y, y_ref, rtol=1e-5, atol=1e-5)
+    (dparams, dx), _ = jax.jit(lambda v, x: loss(apply_ours, v, x))(v_ours, x)
+    (dparams_ref, dx_ref), _ = jax.jit(lambda v, x: loss(apply_ref, v, x))(v_ref, x)
+    np.testing.assert_allclose(dx, dx_ref, rtol=1e-4, atol=1e-4)
+    chex.assert_trees_all_close(dparams[sub], dparams_ref, rtol=1e-4, atol=1e-4)
+    if kind == "batch":
+        chex.assert_trees_all_close(stats["batch_stats"][sub], stats_ref["batch_stats"],
+                                    rtol=1e-5, atol=1e-6)
+        # At eval the running statistics are used: the output no longer depends on the batch.
+        v_eval = {**v_ours, **stats}
+        one = ours.apply(v_eval, x[:1], train=False)
+        np.testing.assert_allclose(one, ours.apply(v_eval, x, train=False)[:1], rtol=1e-6)
