@@ -175,8 +175,8 @@ SAMPLERS = ("random", "pk", "triplets")
 
 def train_dataset(source: Source, *, batch_size: int, image_size: int, seed: int,
                   augment: Augment = Augment(), num_workers: int = 0, num_threads: int = 2,
-                  process_index: int = 0, process_count: int = 1, sampler: str = "random",
-                  pk_images: int = 4) -> grain.IterDataset:
+                  worker_threads: int = 0, process_index: int = 0, process_count: int = 1,
+                  sampler: str = "random", pk_images: int = 4) -> grain.IterDataset:
     """The infinite, augmented training stream of this process's share of the batch.
 
     `batch_size` is global; each of `process_count` processes yields batch_size / process_count
@@ -184,13 +184,21 @@ def train_dataset(source: Source, *, batch_size: int, image_size: int, seed: int
     process p yields (and reads) rows p*rows..(p+1)*rows-1 of each. The pk and triplets samplers
     draw each process's batches on its own. "pk" draws identities with at least two images,
     `pk_images` images each.
+
+    Reading: with `num_workers` 0, `num_threads` threads read and augment records in this process
+    (0: the calling thread does). With `num_workers` > 0 (grain processes) each worker reads with
+    `worker_threads` threads, by default none: the processes are the parallelism, and threads
+    beside them mostly contend for the GIL (decoding LFW JPEGs on 2 cores, workers without threads
+    used 11-27% less CPU per image than with 2 threads each, and made 1-11% more images/s;
+    benchmarks/README.md).
     """
     if batch_size % process_count:
         raise ValueError(f"batch_size {batch_size} is not divisible by {process_count} processes")
     if len(source) == 0:
         raise ValueError(f"the training source {source!r} is empty")
     rows = batch_size // process_count
-    read = grain.ReadOptions(num_threads=num_threads, prefetch_buffer_size=4 * batch_size)
+    threads = worker_threads if num_workers > 0 else num_threads
+    read = grain.ReadOptions(num_threads=threads, prefetch_buffer_size=4 * batch_size)
     if sampler == "random":
         # The global stream (shuffled epochs, each record's augmentation drawn from its index) is
         # the same for any number of processes; each process reads its rows of each batch.
@@ -208,7 +216,7 @@ def train_dataset(source: Source, *, batch_size: int, image_size: int, seed: int
                              f"divisible by 3")
         ds = grain.MapDataset.range(0, 1 << 40)[process_index::process_count].seed(seed)
         ds = ds.random_map(_SampledBatch(source, sampler, rows, pk_images, image_size, augment))
-        ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=num_threads, prefetch_buffer_size=4))
+        ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=threads, prefetch_buffer_size=4))
     else:
         raise ValueError(f"unknown sampler {sampler!r}; choose one of {SAMPLERS}")
     if num_workers > 0:
