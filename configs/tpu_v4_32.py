@@ -43,7 +43,7 @@ def tpu_config(*, batch_size: int, model_devices: int, root: str, images: int,
                        weight_decay=5e-4, warmup_steps=2 * images // batch_size,
                        schedule="cosine")
     c.dataset = ml_collections.ConfigDict(dict(name="arrayrecord", root=root, test_images=0))
-    c.input.update(num_workers=16, num_threads=16)
+    c.input.update(num_workers=16, worker_threads=16)  # 16 reading threads in each worker
     c.eval.update(batch_size=1024)
     if arg == "runlocal":
         c.image_size = 32

@@ -292,6 +292,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
         dataset.train, batch_size=config.batch_size, image_size=config.image_size,
         seed=config.seed, augment=pipeline.Augment(**config.input.augment),
         num_workers=config.input.num_workers, num_threads=config.input.num_threads,
+        worker_threads=config.input.get("worker_threads", 0),
         process_index=jax.process_index(), process_count=jax.process_count(),
         sampler=config.input.get("sampler", "random"), pk_images=config.input.get("pk_images", 4))
     data_iter = iter(train_ds)

@@ -52,6 +52,15 @@ def test_iterator_resumes_exactly_from_its_state(source, workers):
         i.close() if hasattr(i, "close") else None
 
 
+def test_worker_processes_and_their_threads_give_the_same_batches(source):
+    """The stream depends on the seed alone, not on how it is read (grain workers, threads)."""
+    expected = take(iter(train_dataset(source, batch_size=8, image_size=16, seed=2)), 3)
+    it = iter(train_dataset(source, batch_size=8, image_size=16, seed=2, num_workers=1,
+                            worker_threads=2))
+    chex.assert_trees_all_equal(take(it, 3), expected)
+    it.close() if hasattr(it, "close") else None
+
+
 class IndexSource:
     """Record i is a constant image of value i labelled i, so batches reveal which records came."""
 
