@@ -101,26 +101,30 @@ def resize(image: np.ndarray, size: int) -> np.ndarray:
     return np.asarray(Image.fromarray(image).resize((size, size), Image.BILINEAR))
 
 
-def crop_face(image: np.ndarray, crop_fraction: float, size: int | None) -> np.ndarray:
-    """uint8 [h, w, 3] -> its central `crop_fraction`, resized to [size, size, 3] (kept at the
-    crop's shape when `size` is None)."""
-    face = center_crop(image, crop_fraction)
-    return face if size is None else resize(np.ascontiguousarray(face), size)
-
-
-def load_face(data: bytes | str | os.PathLike, *, crop_fraction: float = 1.0,
-              size: int | None = None, name: str | None = None) -> np.ndarray:
-    """Decode, center-crop to the face region, resize: uint8 [size, size, 3] (or the crop's shape
-    when `size` is None). The same pixels as crop_face(decode(...)), cropped and resized in Pillow
-    (no array copies in between: about 11% less time per LFW face)."""
-    _check_fraction(crop_fraction)
-    min_side = None if size is None else int(np.ceil(size / crop_fraction))
-    image = _open_rgb(data, name=name, min_side=min_side)
+def _face(image: Image.Image, crop_fraction: float, size: int | None) -> np.ndarray:
+    """The central `crop_fraction` of a Pillow RGB image, resized in Pillow to uint8
+    [size, size, 3] (kept at the crop's shape when `size` is None)."""
     top, left, ch, cw = _center_box(image.height, image.width, crop_fraction)
     face = image.crop((left, top, left + cw, top + ch))
     if size is not None and face.size != (size, size):
         face = face.resize((size, size), Image.BILINEAR)
     return np.asarray(face)
+
+
+def crop_face(image: np.ndarray, crop_fraction: float, size: int | None) -> np.ndarray:
+    """uint8 [h, w, 3] -> its central `crop_fraction`, resized to [size, size, 3] (kept at the
+    crop's shape when `size` is None): the pixels `load_face` gives for the encoded image."""
+    return _face(Image.fromarray(np.ascontiguousarray(image)), crop_fraction, size)
+
+
+def load_face(data: bytes | str | os.PathLike, *, crop_fraction: float = 1.0,
+              size: int | None = None, name: str | None = None) -> np.ndarray:
+    """Decode, center-crop to the face region, resize: uint8 [size, size, 3] (or the crop's shape
+    when `size` is None). Cropped and resized in Pillow, with no array copies in between (about
+    11% less time per LFW face than through arrays)."""
+    _check_fraction(crop_fraction)  # before min_side divides by it
+    min_side = None if size is None else int(np.ceil(size / crop_fraction))
+    return _face(_open_rgb(data, name=name, min_side=min_side), crop_fraction, size)
 
 
 def as_rgb_array(image) -> np.ndarray:
