@@ -47,6 +47,11 @@ def _group_sum(x: jax.Array, groups: int) -> jax.Array:
     return jnp.sum(x.reshape(x.shape[0], groups, -1), -1)
 
 
+def _count(x: jax.Array, groups: int, over_batch: bool) -> int:
+    """How many values of x [batch, positions, channels] each group's statistics cover."""
+    return x.shape[1] * x.shape[2] // groups * (x.shape[0] if over_batch else 1)
+
+
 def _to_channels(x: jax.Array, channels: int) -> jax.Array:
     """[rows, groups] -> [rows, 1, channels]: each group's value on each of its channels."""
     return jnp.repeat(x, channels // x.shape[1], axis=1)[:, None, :]
@@ -55,8 +60,7 @@ def _to_channels(x: jax.Array, channels: int) -> jax.Array:
 def _normalize_fwd(x: jax.Array, scale: jax.Array, bias: jax.Array, groups: int,
                    over_batch: bool, eps: float, dtype: Any) -> tuple[tuple, tuple]:
     """(_normalize's outputs, the residuals its backward needs)."""
-    channels = x.shape[2]
-    count = x.shape[1] * channels // groups * (x.shape[0] if over_batch else 1)
+    channels, count = x.shape[2], _count(x, groups, over_batch)
     x32 = x.astype(jnp.promote_types(x.dtype, jnp.float32))
     mean = _group_sum(_per_channel(x32, over_batch), groups) / count
     var = jnp.maximum(_group_sum(_per_channel(x32 * x32, over_batch), groups) / count
@@ -72,8 +76,7 @@ def _normalize_bwd(groups: int, over_batch: bool, eps: float, dtype: Any, residu
     del eps, dtype
     x, scale, mean, inv = residuals
     dy, dmean, dvar = cotangents
-    channels = x.shape[2]
-    count = x.shape[1] * channels // groups * (x.shape[0] if over_batch else 1)
+    channels, count = x.shape[2], _count(x, groups, over_batch)
     dy = dy.astype(mean.dtype)
     centred = x.astype(mean.dtype) - _to_channels(mean, channels)
     inv_c = _to_channels(inv, channels)  # [rows, 1, channels]
@@ -296,10 +299,16 @@ def _shifted_conv(x: jax.Array, w: jax.Array, strides: tuple[int, int],
     return _shifted_conv_fwd(x, w, strides, pads)[0]
 
 
+def _shifted_input(x: jax.Array, w: jax.Array, pads: tuple[tuple[int, int], ...]
+                   ) -> tuple[jax.Array, int]:
+    """(x padded in space by `pads` and in channels by the shift on both sides, the shift)."""
+    shift = (w.shape[2] - 1) // 2
+    return jnp.pad(x, ((0, 0), *pads, (shift, shift))), shift
+
+
 def _shifted_conv_fwd(x, w, strides, pads):
     kh, kw, shifts, channels = w.shape
-    shift = (shifts - 1) // 2
-    xp = jnp.pad(x, ((0, 0), *pads, (shift, shift)))
+    xp, _ = _shifted_input(x, w, pads)
     out = tuple((xp.shape[1 + a] - w.shape[a]) // strides[a] + 1 for a in range(2))
     y = sum(_window(xp, (i, j, d), (*out, channels), strides) * w[i, j, d]
             for i in range(kh) for j in range(kw) for d in range(shifts))
@@ -309,8 +318,7 @@ def _shifted_conv_fwd(x, w, strides, pads):
 def _shifted_conv_bwd(strides, pads, residuals, dy):
     x, w = residuals
     kh, kw, shifts, channels = w.shape
-    shift = (shifts - 1) // 2
-    xp = jnp.pad(x, ((0, 0), *pads, (shift, shift)))
+    xp, shift = _shifted_input(x, w, pads)
     out = dy.shape[1:3]
     # All the weight gradients in one variadic reduce: one pass over (x, dy) instead of one per
     # weight (kh * kw * shifts passes ran at a sixth of the speed). Over batch and columns here,
