@@ -11,7 +11,7 @@ from jfacerec.models.layers import Norm, conv2d, conv_general_dilated
 
 # (input [b, h, w, c], kernel [kh, kw, c / groups, out], strides, padding, groups): the cases
 # computed tap by tap (grouped, depthwise with a multiplier, a 3x3 kernel on a 2x2 map,
-# MobileFaceNet's GDC) and one handed to XLA unchanged.
+# MobileFaceNet's GDC), one handed to XLA unchanged, and strided standard convs.
 CASES = {
     "depthwise_same": ((2, 9, 9, 6), (3, 3, 1, 6), (1, 1), "SAME", 6),
     "depthwise_stride2": ((2, 9, 8, 6), (3, 3, 1, 6), (2, 2), ((1, 1), (1, 1)), 6),
@@ -23,6 +23,13 @@ CASES = {
     "tiny_map_3x3": ((4, 2, 2, 6), (3, 3, 6, 10), (1, 1), "SAME", 1),
     "tiny_map_stride2": ((4, 3, 3, 6), (3, 3, 6, 7), (2, 2), "SAME", 1),
     "dense_to_xla": ((2, 8, 8, 3), (3, 3, 3, 5), (1, 1), "SAME", 1),
+    # Standard strided convs: XLA's forward, the gradients by the strides' phases.
+    "strided_3x3_same": ((2, 10, 10, 3), (3, 3, 3, 5), (2, 2), "SAME", 1),
+    "strided_3x3_odd_map": ((2, 11, 9, 3), (3, 3, 3, 4), (2, 2), ((1, 1), (1, 1)), 1),
+    "strided_1x1": ((2, 10, 10, 4), (1, 1, 4, 6), (2, 2), "VALID", 1),
+    "strided_5x5_stride3_uneven_pads": ((2, 13, 12, 3), (5, 5, 3, 4), (3, 3), ((2, 1), (0, 2)), 1),
+    "strided_2x2_stride2": ((2, 8, 8, 3), (2, 2, 3, 4), (2, 2), "VALID", 1),
+    "strided_rows_only": ((2, 9, 9, 3), (3, 3, 3, 4), (2, 1), "SAME", 1),
 }
 
 
@@ -63,6 +70,31 @@ def test_conv2d_keeps_nn_convs_variables_and_dtype():
     np.testing.assert_allclose(np.asarray(y, np.float32),
                                np.asarray(plain.apply(v_ours, x), np.float32), rtol=2e-2,
                                atol=2e-2)
+
+
+def test_strided_conv_gradients_keep_bfloat16_and_skip_the_dilated_conv():
+    """The strided path's gradients come back in the inputs' dtype, close to float32's, and the
+    input gradient is computed without XLA's conv over the stride-dilated output gradient."""
+    x = jax.random.normal(jax.random.key(0), (2, 10, 10, 4))
+    w = jax.random.normal(jax.random.key(1), (3, 3, 4, 6))
+    dims = ("NHWC", "HWIO", "NHWC")
+
+    def loss(x, w):
+        y = conv_general_dilated(x, w, (2, 2), "SAME", dimension_numbers=dims)
+        return jnp.sum(y.astype(jnp.float32) ** 2)
+
+    grads_bf16 = jax.jit(jax.grad(loss, (0, 1)))(x.astype(jnp.bfloat16), w.astype(jnp.bfloat16))
+    grads = jax.jit(jax.grad(loss, (0, 1)))(x, w)
+    chex.assert_trees_all_equal_dtypes(grads_bf16, (x.astype(jnp.bfloat16),
+                                                    w.astype(jnp.bfloat16)))
+    for ours, ref in zip(grads_bf16, grads):
+        np.testing.assert_allclose(np.asarray(ours, np.float32), ref, rtol=0.05,
+                                   atol=0.05 * float(jnp.max(jnp.abs(ref))))
+    hlo = jax.jit(jax.grad(loss)).lower(x, w).as_text()
+    assert "lhs_dilate = [2, 2]" not in hlo, "input gradient used a dilated conv"
+    reference = jax.jit(jax.grad(lambda x, w: jnp.sum(jax.lax.conv_general_dilated(
+        x, w, (2, 2), "SAME", dimension_numbers=dims) ** 2))).lower(x, w).as_text()
+    assert "lhs_dilate = [2, 2]" in reference
 
 
 @pytest.mark.parametrize("kind,reference", [

@@ -225,6 +225,10 @@ def conv_general_dilated(lhs: jax.Array, rhs: jax.Array, window_strides: Sequenc
     small = min(spatial[0] * spatial[1], out[0] * out[1]) < taps
     if (jax.default_backend() != "cpu" or dilated or not nhwc or batch_group_count != 1
             or lhs.ndim != 4 or (feature_group_count == 1 and not small)):
+        if (jax.default_backend() == "cpu" and not dilated and nhwc and lhs.ndim == 4
+                and feature_group_count == 1 and batch_group_count == 1
+                and preferred_element_type is None and any(s > 1 for s in strides)):
+            return _strided_conv(lhs, rhs, strides, pads, precision)
         return jax.lax.conv_general_dilated(
             lhs, rhs, strides, padding, lhs_dilation, rhs_dilation, dimension_numbers,
             feature_group_count, batch_group_count, precision, preferred_element_type)
@@ -254,6 +258,62 @@ def conv_general_dilated(lhs: jax.Array, rhs: jax.Array, window_strides: Sequenc
         for k in range(group_in):
             y = y + t[..., k, None] * w[k]
     return y.reshape(batch, *out, features).astype(out_dtype)
+
+
+def _lax_conv(x: jax.Array, w: jax.Array, strides: Sequence[int],
+              pads: Sequence[tuple[int, int]], precision: Any) -> jax.Array:
+    """x [batch, h, w, in] conv w [kh, kw, in, out] by XLA's own convolution."""
+    return jax.lax.conv_general_dilated(x, w, strides, pads, dimension_numbers=_NHWC,
+                                        precision=precision)
+
+
+def _phases(x: jax.Array, w: jax.Array, strides: tuple[int, int],
+            pads: tuple[tuple[int, int], ...], precision: Any) -> jax.Array:
+    """The strided conv of x [batch, h, w, in] by w [kh, kw, in, out], as a sum over the
+    strides' phases of stride-1 convs: kernel positions (rh + sh * a, rw + sw * b) only ever see
+    the padded input's rows rh, rh + sh, ... and columns rw, rw + sw, ..., so each phase is a
+    stride-1 conv of that strided slice by w[rh::sh, rw::sw]."""
+    xp = jnp.pad(x, ((0, 0), *pads, (0, 0)))
+    out = [(xp.shape[1 + a] - w.shape[a]) // strides[a] + 1 for a in range(2)]
+    y = None
+    for rh in range(min(strides[0], w.shape[0])):
+        for rw in range(min(strides[1], w.shape[1])):
+            sub = w[rh::strides[0], rw::strides[1]]
+            size = (out[0] + sub.shape[0] - 1, out[1] + sub.shape[1] - 1, xp.shape[3])
+            term = _lax_conv(_window(xp, (rh, rw, 0), size, strides), sub, (1, 1),
+                             ((0, 0), (0, 0)), precision)
+            y = term if y is None else y + term
+    return y
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
+def _strided_conv(x: jax.Array, w: jax.Array, strides: tuple[int, int],
+                  pads: tuple[tuple[int, int], ...], precision: Any) -> jax.Array:
+    """A standard conv with strides > 1: XLA's forward, the gradients through `_phases`.
+
+    XLA:CPU computes a strided conv's input gradient as a conv over the output gradient dilated
+    by the strides, mostly zeros, and a 1x1 strided conv's weight gradient as a conv with the
+    whole map its window: 2-4x torch's time at 112x112x64 (benchmarks/README.md, "Train step").
+    Through `_phases` the input gradient is sh * sw stride-1 convs of the output gradient,
+    interleaved; a 1x1 kernel's weight gradient one matmul over the strided input. A larger
+    kernel's weight gradient stays XLA's (its phases ran slower).
+    """
+    return _lax_conv(x, w, strides, pads, precision)
+
+
+def _strided_conv_fwd(x, w, strides, pads, precision):
+    return _lax_conv(x, w, strides, pads, precision), (x, w)
+
+
+def _strided_conv_bwd(strides, pads, precision, residuals, dy):
+    x, w = residuals
+    dx = jax.vjp(lambda x: _phases(x, w, strides, pads, precision), x)[1](dy)[0]
+    weights = _phases if w.shape[:2] == (1, 1) else _lax_conv
+    dw = jax.vjp(lambda w: weights(x, w, strides, pads, precision), w)[1](dy)[0]
+    return dx, dw
+
+
+_strided_conv.defvjp(_strided_conv_fwd, _strided_conv_bwd)
 
 
 def _window(x: jax.Array, start: tuple[int, int, int], size: Sequence[int],
@@ -301,9 +361,14 @@ def _shifted_conv(x: jax.Array, w: jax.Array, strides: tuple[int, int],
 
 def _shifted_input(x: jax.Array, w: jax.Array, pads: tuple[tuple[int, int], ...]
                    ) -> tuple[jax.Array, int]:
-    """(x padded in space by `pads` and in channels by the shift on both sides, the shift)."""
+    """(x padded in space by `pads` and in channels by the shift on both sides, the shift).
+
+    Behind an optimisation barrier: without it XLA recomputes x's producer (the previous norm
+    and PReLU) into each of the many windows read from it; MobileFaceNet's step ran 11% faster
+    with the barrier (benchmarks/README.md, "Train step").
+    """
     shift = (w.shape[2] - 1) // 2
-    return jnp.pad(x, ((0, 0), *pads, (shift, shift))), shift
+    return jax.lax.optimization_barrier(jnp.pad(x, ((0, 0), *pads, (shift, shift)))), shift
 
 
 def _shifted_conv_fwd(x, w, strides, pads):
