@@ -209,6 +209,7 @@ def conv_general_dilated(lhs: jax.Array, rhs: jax.Array, window_strides: Sequenc
     - standard convs on maps with fewer positions than the kernel has taps (a 3x3 kernel on a
       2x2 map): XLA swaps the operands into a layout that only its naive loop emitter runs,
       forward and for the input gradient; here each tap is a matmul.
+    Standard convs with strides above 1 keep XLA's forward, with gradients from `_strided_conv`.
     Everything else (any dilation, other backends) goes to jax.lax.conv_general_dilated.
     """
     spatial = lhs.shape[1:3]
