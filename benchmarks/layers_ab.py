@@ -1,0 +1,101 @@
+"""Our train step with `jfacerec/models/layers.py` as it is, against the same step with the
+layers.py of another git revision, in one process, steps interleaved: what a change to the conv
+or norm arithmetic buys, without the run-to-run drift of separate processes.
+
+python benchmarks/layers_ab.py --against REV [--models iresnet18,mobilefacenet] [--steps 8]
+    [--batch resnet_tiny=128,iresnet18=16,mobilefacenet=16] [--torch]
+
+Both steps are built as benchmarks/train_step.py builds "ours" (training.make_train_step, state
+donated, parallel.compiler_options()). For the other revision, its layers.py is loaded as a module
+of its own and its `conv_general_dilated` and `_normalize` stand in for the current ones while the
+step is traced; everything else (models, training, losses) is the current code. `--torch` adds
+PyTorch's channels_last step as a third, for the ratio. Medians over the steps after one warm-up
+round.
+
+Last line: JSON with images/s per model and side.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from types import ModuleType
+
+import numpy as np
+
+import train_step  # benchmarks/ is on the path when run as a script; it puts the repo there too
+from jfacerec.models import layers
+
+# What layers.py exports to the backbones and may differ between revisions.
+SWAPPED = ("conv_general_dilated", "_normalize")
+
+
+def layers_at(revision: str) -> ModuleType:
+    """jfacerec/models/layers.py of `revision`, imported as a module of its own."""
+    source = subprocess.run(["git", "show", f"{revision}:jfacerec/models/layers.py"],
+                            cwd=train_step.REPO, capture_output=True, text=True, check=True).stdout
+    path = os.path.join(tempfile.mkdtemp(), "layers_at_revision.py")
+    with open(path, "w") as f:
+        f.write(source)
+    name = f"layers_at_{revision}".replace("-", "_").replace("~", "_").replace("^", "_")
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module  # flax's dataclass transform looks the module up by name
+    spec.loader.exec_module(module)
+    return module
+
+
+def compare(name: str, batch: int, steps: int, other: ModuleType, with_torch: bool) -> dict:
+    config = train_step.get_config(name, batch, "float32")
+    classes = config.dataset.num_identities
+    runs = {"current": train_step.jax_step(config, classes, "ours")[0]}
+    originals = {k: getattr(layers, k) for k in SWAPPED}
+    try:
+        for k in SWAPPED:
+            setattr(layers, k, getattr(other, k))
+        runs["against"] = train_step.jax_step(config, classes, "ours")[0]
+    finally:
+        for k, v in originals.items():
+            setattr(layers, k, v)
+    if with_torch:
+        runs["torch"] = train_step.torch_step(config, classes, True, False)[0]
+    times = {k: [] for k in runs}
+    for i in range(steps + 1):
+        for key, run in runs.items():
+            t = train_step.seconds(run)
+            if i:
+                times[key].append(t)
+    rates = {k: batch / float(np.median(v)) for k, v in times.items()}
+    print(f"{name}: " + ", ".join(f"{k} {v:.2f}" for k, v in rates.items())
+          + f" img/s; current / against {rates['current'] / rates['against']:.3f}", flush=True)
+    return {"batch": batch, **{f"{k}_images_per_s": v for k, v in rates.items()},
+            "current_over_against": rates["current"] / rates["against"]}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--against", required=True, help="git revision of the other layers.py")
+    parser.add_argument("--models", default=",".join(train_step.MODELS))
+    parser.add_argument("--steps", type=int, default=8)
+    parser.add_argument("--batch", default="", help="one number, or model=batch,...")
+    parser.add_argument("--torch", action="store_true", help="also time PyTorch channels_last")
+    args = parser.parse_args()
+    batches = train_step.parse_batches(args.batch, train_step.CPU_BATCH)
+    other = layers_at(args.against)
+    load = os.getloadavg()[0]
+    start = time.time()
+    results = {name: compare(name, batches[name], args.steps, other, args.torch)
+               for name in args.models.split(",")}
+    print(json.dumps({"against": args.against, "steps": args.steps, "load_average": [
+        load, os.getloadavg()[0]], "seconds": time.time() - start,
+        "machine": train_step.machine(), "results": results}))
+
+
+if __name__ == "__main__":
+    main()
