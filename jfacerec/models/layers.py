@@ -224,12 +224,13 @@ def conv_general_dilated(lhs: jax.Array, rhs: jax.Array, window_strides: Sequenc
                 for n, (lo, hi), k, s in zip(spatial, pads, kernel, strides))
     taps = kernel[0] * kernel[1]
     small = min(spatial[0] * spatial[1], out[0] * out[1]) < taps
-    if (jax.default_backend() != "cpu" or dilated or not nhwc or batch_group_count != 1
-            or lhs.ndim != 4 or (feature_group_count == 1 and not small)):
-        if (jax.default_backend() == "cpu" and not dilated and nhwc and lhs.ndim == 4
-                and feature_group_count == 1 and batch_group_count == 1
-                and preferred_element_type is None and any(s > 1 for s in strides)):
-            return _strided_conv(lhs, rhs, strides, pads, precision)
+    rewritable = (jax.default_backend() == "cpu" and not dilated and nhwc
+                  and batch_group_count == 1 and lhs.ndim == 4)
+    standard = feature_group_count == 1 and not small  # XLA's own forward is fast
+    if (rewritable and standard and preferred_element_type is None
+            and any(s > 1 for s in strides)):
+        return _strided_conv(lhs, rhs, strides, pads, precision)
+    if not rewritable or standard:
         return jax.lax.conv_general_dilated(
             lhs, rhs, strides, padding, lhs_dilation, rhs_dilation, dimension_numbers,
             feature_group_count, batch_group_count, precision, preferred_element_type)
