@@ -18,12 +18,10 @@ Last line: JSON with images/s per model and side.
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import os
 import subprocess
 import sys
-import tempfile
 import time
 from types import ModuleType
 
@@ -38,16 +36,12 @@ SWAPPED = ("conv_general_dilated", "_normalize")
 
 def layers_at(revision: str) -> ModuleType:
     """jfacerec/models/layers.py of `revision`, imported as a module of its own."""
-    source = subprocess.run(["git", "show", f"{revision}:jfacerec/models/layers.py"],
-                            cwd=train_step.REPO, capture_output=True, text=True, check=True).stdout
-    path = os.path.join(tempfile.mkdtemp(), "layers_at_revision.py")
-    with open(path, "w") as f:
-        f.write(source)
-    name = f"layers_at_{revision}".replace("-", "_").replace("~", "_").replace("^", "_")
-    spec = importlib.util.spec_from_file_location(name, path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module  # flax's dataclass transform looks the module up by name
-    spec.loader.exec_module(module)
+    path = f"{revision}:jfacerec/models/layers.py"
+    source = subprocess.run(["git", "show", path], cwd=train_step.REPO, capture_output=True,
+                            text=True, check=True).stdout
+    module = ModuleType(f"layers_at_{revision}")
+    sys.modules[module.__name__] = module  # flax's dataclass transform looks the module up
+    exec(compile(source, path, "exec"), module.__dict__)
     return module
 
 
