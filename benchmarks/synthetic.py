@@ -1,11 +1,12 @@
 """Does the synthetic input pipeline keep up with training? Render and pipeline rates against the
 rate at which the demo's train step consumes images, measured in one run.
 
-python benchmarks/synthetic.py [--config configs/demo.py] [--steps 20]
+python benchmarks/synthetic.py [--config configs/demo.py] [--steps 20] [--threads 0,2]
 
 Last line: JSON with images/s of rendering (one at a time and in chunks), of the grain pipeline on
-a fresh source (first epoch: renders) and a warm one (later epochs: cached), and of the train step,
-plus the ratios pipeline / train step.
+a fresh source (first epoch: renders) and a warm one (later epochs: cached) for each number of
+reading threads in --threads (default: the config's), and of the train step jitted as `train`
+jits it, plus the ratios pipeline / train step.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from jfacerec import parallel, training  # noqa: E402
 from jfacerec.data import pipeline, sources  # noqa: E402
 from jfacerec.data.synthetic import render_faces  # noqa: E402
+from jfacerec.objectives import Objective  # noqa: E402
 
 
 def load_config(path: str):
@@ -49,8 +51,12 @@ def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--config", default="configs/demo.py")
     parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--threads", default="",
+                        help="comma-separated reading-thread counts; default: the config's")
     args = parser.parse_args()
     config = load_config(args.config)
+    threads = ([int(t) for t in args.threads.split(",")] if args.threads
+               else [config.input.num_threads])
     size, batch = config.image_size, config.batch_size
     ids = np.arange(512)
 
@@ -59,22 +65,28 @@ def main():
 
     dataset = sources.get_dataset(config)
 
-    def pipeline_rate(source, n_batches: int) -> float:
+    def pipeline_rate(source, n_batches: int, num_threads: int) -> float:
         it = iter(pipeline.train_dataset(source, batch_size=batch, image_size=size,
-                                         seed=0, num_threads=config.input.num_threads))
+                                         seed=0, num_threads=num_threads))
         t = time.perf_counter()
         for _ in range(n_batches):
             next(it)
         return n_batches * batch / (time.perf_counter() - t)
 
     epoch = len(dataset.train) // batch
-    cold = pipeline_rate(dataset.train, epoch)  # a fresh source renders as it goes
-    warm = pipeline_rate(dataset.train, 2 * epoch)  # the same source: cached
+    cold, warm = {}, {}
+    for n in threads:
+        # A fresh source renders as it goes (the first epoch); read again, it is cached.
+        source = sources.get_dataset(config).train
+        cold[n] = pipeline_rate(source, epoch, n)
+        warm[n] = pipeline_rate(source, 2 * epoch, n)
 
     mesh = parallel.make_mesh(config.num_devices)
     model, tx, _ = training.abstract_train_state(config, dataset.num_classes, mesh)
-    state = training.init_state(model, tx, size, jax.random.key(0))
-    step = jax.jit(training.make_train_step(model, tx, config), donate_argnums=0)
+    state = training.init_state(model, tx, size, jax.random.key(0),
+                                Objective.from_config(config))
+    step = jax.jit(training.make_train_step(model, tx, config), donate_argnums=0,
+                   compiler_options=parallel.compiler_options())  # as training.train jits it
     b = {"image": jnp.zeros((batch, size, size, 3)), "label": jnp.zeros((batch,), jnp.int32)}
     state, m = step(state, b)
     jax.block_until_ready(m)
@@ -89,10 +101,11 @@ def main():
     result = {
         "image_size": size, "batch_size": batch, "cpu_count": os.cpu_count(),
         "render_single_images_per_s": single, "render_chunked_images_per_s": chunked,
-        "pipeline_first_epoch_images_per_s": cold, "pipeline_cached_images_per_s": warm,
         "train_step_images_per_s": train,
-        "ratio_first_epoch_pipeline_to_train": cold / train,
-        "ratio_cached_pipeline_to_train": warm / train,
+        "pipeline": [{"num_threads": n, "first_epoch_images_per_s": cold[n],
+                      "cached_images_per_s": warm[n],
+                      "ratio_first_epoch_to_train": cold[n] / train,
+                      "ratio_cached_to_train": warm[n] / train} for n in threads],
     }
     print(json.dumps(result))
 

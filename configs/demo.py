@@ -45,8 +45,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.dataset = ml_collections.ConfigDict(dict(
         name="synthetic", seed=0, num_identities=100, train_images=64, test_images=6,
         num_unseen_identities=200, unseen_images=10))
+    # num_threads=0 reads in the training loop's thread, which async dispatch already overlaps
+    # with the step: reading threads only contend with it for the GIL (benchmarks/README.md,
+    # "Synthetic input pipeline").
     c.input = ml_collections.ConfigDict(dict(
-        num_workers=0, num_threads=2, worker_threads=0, sampler="random", pk_images=4,
+        num_workers=0, num_threads=0, worker_threads=0, sampler="random", pk_images=4,
         augment=dict(flip=True, min_scale=0.8, max_aspect_change=0.1)))
     c.eval = ml_collections.ConfigDict(dict(
         batch_size=256, flip=True, num_pairs=3000, folds=10))

@@ -11,6 +11,8 @@ set.
 
 The renderer is vectorised over images with NumPy: shapes are soft masks (a sigmoid of a signed
 distance) evaluated on a ``[n, size, size]`` coordinate grid, so edges are anti-aliased at any size.
+Colour planes are kept apart while painting (``[3, n, size, size]``): a mask then broadcasts over
+whole rows rather than over a trailing axis of 3, which made compositing 3x slower.
 """
 
 from __future__ import annotations
@@ -127,8 +129,15 @@ def _ellipse(x, y, cx, cy, rx, ry):
 
 
 def _paint(canvas: np.ndarray, mask: np.ndarray, colour: np.ndarray) -> np.ndarray:
-    """Alpha-composites `colour` ([n, 3]) over `canvas` ([n, s, s, 3]) where `mask` ([n, s, s])."""
-    return canvas + mask[..., None] * (colour[:, None, None, :] - canvas)
+    """Alpha-composites `colour` ([n, 3]) over `canvas` ([3, n, s, s]) where `mask` ([n, s, s])."""
+    out = mask * (_planes(colour) - canvas)  # a fresh array, so the sum is taken in place
+    out += canvas
+    return out
+
+
+def _planes(colour: np.ndarray) -> np.ndarray:
+    """[n, 3] colours -> [3, n, 1, 1], to broadcast over [3, n, s, s] planes."""
+    return colour.T[:, :, None, None]
 
 
 def _col(p: dict[str, np.ndarray], prefix: str, suffixes: str = "rgb") -> np.ndarray:
@@ -136,17 +145,17 @@ def _col(p: dict[str, np.ndarray], prefix: str, suffixes: str = "rgb") -> np.nda
 
 
 def _blur(img: np.ndarray, sigma: np.ndarray) -> np.ndarray:
-    """Separable 5-tap Gaussian blur with a per-image sigma ([n]); img is [n, s, s, 3]."""
+    """Separable 5-tap Gaussian blur with a per-image sigma ([n]); img is [3, n, s, s]."""
     taps = np.arange(-2, 3, dtype=np.float32)
     w = np.exp(-0.5 * (taps[None, :] / np.maximum(sigma[:, None], 1e-3)) ** 2)
     w /= w.sum(axis=1, keepdims=True)
-    for axis in (1, 2):
-        padded = np.pad(img, [(0, 0)] + [(2, 2) if a == axis else (0, 0) for a in (1, 2)]
-                        + [(0, 0)], mode="edge")
-        size = img.shape[axis]
-        img = sum(w[:, t, None, None, None] * np.take(padded, np.arange(t, t + size), axis=axis)
-                  for t in range(5))
-    return img
+    weights = [w[None, :, t, None, None] for t in range(5)]
+    size = img.shape[2]
+    rows = np.pad(img, [(0, 0), (0, 0), (2, 2), (0, 0)], mode="edge")
+    img = sum(weights[t] * rows[:, :, t:t + size] for t in range(5))
+    size = img.shape[3]
+    columns = np.pad(img, [(0, 0), (0, 0), (0, 0), (2, 2)], mode="edge")
+    return sum(weights[t] * columns[..., t:t + size] for t in range(5))
 
 
 def render_params(ident: dict[str, np.ndarray], nuis: dict[str, np.ndarray], *, image_size: int,
@@ -177,8 +186,7 @@ def render_params(ident: dict[str, np.ndarray], nuis: dict[str, np.ndarray], *, 
     # Background: two colours blended along a wave in a random direction.
     bg_t = 0.5 + 0.5 * np.sin(col(nuis["bg_freq"]) * (u * col(np.cos(nuis["bg_dir"]))
                                                        + v * col(np.sin(nuis["bg_dir"]))))
-    img = (_col(nuis, "bg")[:, None, None, :] * (1.0 - bg_t[..., None])
-           + _col(nuis, "bg2")[:, None, None, :] * bg_t[..., None])
+    img = _planes(_col(nuis, "bg")) * (1.0 - bg_t) + _planes(_col(nuis, "bg2")) * bg_t
 
     hair = _col(ident, "hair")
     skin = np.clip(_col(ident, "skin"), 0.0, 1.0)
@@ -266,15 +274,15 @@ def render_params(ident: dict[str, np.ndarray], nuis: dict[str, np.ndarray], *, 
     # Lighting: a directional gradient, global brightness and a colour cast.
     shade = 1.0 + col(nuis["light_strength"]) * (u * col(np.cos(nuis["light_dir"]))
                                                  + v * col(np.sin(nuis["light_dir"])))
-    img = img * (shade * col(nuis["brightness"]))[..., None] * _col(nuis, "cast")[:, None, None, :]
+    img = img * (shade * col(nuis["brightness"])) * _planes(_col(nuis, "cast"))
     # Occlusion: a random rectangle in image coordinates.
     occ = _soft(np.maximum(np.abs(u - col(nuis["occ_x"])) - col(nuis["occ_w"]) / 2,
                            np.abs(v - col(nuis["occ_y"])) - col(nuis["occ_h"]) / 2),
                 pixel) * col(nuis["occ_on"])
     img = _paint(img, occ, _col(nuis, "occ"))
     img = _blur(img, nuis["blur"] * s / 64.0)
-    img = img + noise * nuis["noise"][:, None, None, None]
-    return np.clip(img, 0.0, 1.0)
+    img = img + noise.transpose(3, 0, 1, 2) * col(nuis["noise"])
+    return np.ascontiguousarray(np.clip(img, 0.0, 1.0).transpose(1, 2, 3, 0))
 
 
 def render_faces(identity_ids: Sequence[int] | np.ndarray, image_ids: Sequence[int] | np.ndarray,
@@ -299,7 +307,9 @@ def render_faces(identity_ids: Sequence[int] | np.ndarray, image_ids: Sequence[i
     n = len(identity_ids)
     if n == 0:
         return np.zeros((0, image_size, image_size, 3), np.uint8)
-    ident = identity_params(identity_ids, seed=seed)
+    # Each identity's parameters are drawn once however many of its images are rendered.
+    unique, which = np.unique(identity_ids, return_inverse=True)
+    ident = {k: v[which] for k, v in identity_params(unique, seed=seed).items()}
     nuis = image_params(identity_ids, image_ids, seed=seed)
     noise = np.stack([
         np.random.default_rng([seed, _IMAGE_STREAM, int(i), int(j), 1]).standard_normal(
