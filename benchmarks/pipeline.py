@@ -20,8 +20,9 @@ saturation changes of up to 20% each, and float32 HWC in [-1, 1]; then batching.
 
 - grain: `jfacerec.data.pipeline.train_dataset` over the `ImageFileSource` that
   `jfacerec.data.sources` builds for the config, `num_workers` 0, 1, 2 (grain's `mp_prefetch`
-  processes). With 0 workers, `num_threads` from the config (2) and also 0 (records read in the
-  calling thread).
+  processes). With 0 workers, `num_threads` from the config (0 since configs/demo.py changed to
+  it; the figures in benchmarks/README.md are from when it was 2), and also 0 (records read in
+  the calling thread) where the config's is not 0.
 - torch: a `torch.utils.data.Dataset` doing the same with PIL the way torchvision's transforms do
   on PIL images (`Image.crop`/`resize`/`transpose`, `ImageEnhance` for colour; torchvision itself
   is not installed), `DataLoader(batch_size, shuffle=True, drop_last=True, num_workers=0, 1, 2)`.
