@@ -149,13 +149,15 @@ def _blur(img: np.ndarray, sigma: np.ndarray) -> np.ndarray:
     taps = np.arange(-2, 3, dtype=np.float32)
     w = np.exp(-0.5 * (taps[None, :] / np.maximum(sigma[:, None], 1e-3)) ** 2)
     w /= w.sum(axis=1, keepdims=True)
-    weights = [w[None, :, t, None, None] for t in range(5)]
-    size = img.shape[2]
-    rows = np.pad(img, [(0, 0), (0, 0), (2, 2), (0, 0)], mode="edge")
-    img = sum(weights[t] * rows[:, :, t:t + size] for t in range(5))
-    size = img.shape[3]
-    columns = np.pad(img, [(0, 0), (0, 0), (0, 0), (2, 2)], mode="edge")
-    return sum(weights[t] * columns[..., t:t + size] for t in range(5))
+    for axis in (2, 3):
+        pads = [(0, 0)] * 4
+        pads[axis] = (2, 2)
+        padded = np.pad(img, pads, mode="edge")
+        size = img.shape[axis]
+        # Tap t reads the padded planes shifted by t along `axis`: a slice, not a copy.
+        img = sum(w[None, :, t, None, None] * padded[(slice(None),) * axis + (slice(t, t + size),)]
+                  for t in range(5))
+    return img
 
 
 def render_params(ident: dict[str, np.ndarray], nuis: dict[str, np.ndarray], *, image_size: int,
@@ -266,7 +268,9 @@ def render_params(ident: dict[str, np.ndarray], nuis: dict[str, np.ndarray], *, 
     inner = np.maximum(np.abs(y - my - curve) - open_h * 0.55 * col(nuis["mouth_open"]),
                        np.abs(xi) - mw * 0.8)
     img = _paint(img, _soft(inner, fpix), np.full((n, 3), 0.15, np.float32))
-    # A mole: a small dark dot at an identity-specific place.
+    # A mole: a small dark dot at an identity-specific place. Its mask is float64 (np.minimum of
+    # two Python floats is a NumPy float64), and so is the image from here on; left so, because
+    # float32 would change a few pixels of the dataset every documented figure was measured on.
     mole = _soft(_ellipse(xi, y, col(ident["mole_x"]) * fw, col(ident["mole_y"]) * fh, 0.025, 0.025),
                  fpix) * col(ident["mole"]) * face
     img = _paint(img, mole, skin * 0.35)
