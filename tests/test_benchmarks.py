@@ -1,0 +1,47 @@
+"""The benchmark scripts that need neither torch nor faiss still run, at their smallest sizes.
+
+Nothing else imports them, so an API change elsewhere would otherwise break them unnoticed (one
+did: benchmarks/synthetic.py after training.init_state gained its objective argument). Their
+figures are not checked here, only that each run ends in its JSON line and what that line says
+about correctness.
+"""
+
+import json
+import os
+import subprocess
+import sys
+
+from conftest import REPO, needs_lfw
+
+
+def run_benchmark(script: str, *args: str) -> dict:
+    """Runs benchmarks/<script> with args; returns its last line, parsed as JSON."""
+    done = subprocess.run([sys.executable, os.path.join(REPO, "benchmarks", script), *args],
+                          cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def test_synthetic_pipeline_benchmark_reports_each_thread_count():
+    result = run_benchmark("synthetic.py", "--steps", "2", "--threads", "0,1")
+    assert [p["num_threads"] for p in result["pipeline"]] == [0, 1]
+    for p in result["pipeline"]:
+        assert p["first_epoch_images_per_s"] > 0 and p["cached_images_per_s"] > 0
+        assert p["ratio_cached_to_train"] == (p["cached_images_per_s"]
+                                              / result["train_step_images_per_s"])
+
+
+def test_sharded_gallery_benchmark_matches_the_single_device_search():
+    result = run_benchmark("gallery_sharded.py", "--rows", "4096", "--queries", "64",
+                           "--repeats", "1", "--devices", "4")
+    assert result["machine"]["devices"] == 4
+    speed = result["speed"]
+    assert speed["indices_equal"] and speed["scores_equal"]
+    assert speed["queries_compared"] == 64
+
+
+@needs_lfw
+def test_packed_benchmark_runs_on_lfw():
+    result = run_benchmark("packed.py", "--records", "64", "--repeats", "1")
+    assert result["records"] == 64
+    assert all(rate > 0 for rate in result["rates"].values())
