@@ -220,8 +220,7 @@ def conv_general_dilated(lhs: jax.Array, rhs: jax.Array, window_strides: Sequenc
         lhs.shape, rhs.shape, dimension_numbers) == _NHWC
     pads = (jax.lax.padtype_to_pads(spatial, kernel, strides, padding)
             if isinstance(padding, str) else tuple(tuple(p) for p in padding))
-    out = tuple((n + lo + hi - k) // s + 1
-                for n, (lo, hi), k, s in zip(spatial, pads, kernel, strides))
+    out = _out_positions([n + lo + hi for n, (lo, hi) in zip(spatial, pads)], kernel, strides)
     taps = kernel[0] * kernel[1]
     small = min(spatial[0] * spatial[1], out[0] * out[1]) < taps
     rewritable = (jax.default_backend() == "cpu" and not dilated and nhwc
@@ -276,7 +275,7 @@ def _phases(x: jax.Array, w: jax.Array, strides: tuple[int, int],
     the padded input's rows rh, rh + sh, ... and columns rw, rw + sw, ..., so each phase is a
     stride-1 conv of that strided slice by w[rh::sh, rw::sw]."""
     xp = jnp.pad(x, ((0, 0), *pads, (0, 0)))
-    out = [(xp.shape[1 + a] - w.shape[a]) // strides[a] + 1 for a in range(2)]
+    out = _out_positions(xp.shape[1:3], w.shape[:2], strides)
     y = None
     for rh in range(min(strides[0], w.shape[0])):
         for rw in range(min(strides[1], w.shape[1])):
@@ -309,13 +308,21 @@ def _strided_conv_fwd(x, w, strides, pads, precision):
 
 def _strided_conv_bwd(strides, pads, precision, residuals, dy):
     x, w = residuals
-    dx = jax.vjp(lambda x: _phases(x, w, strides, pads, precision), x)[1](dy)[0]
-    weights = _phases if w.shape[:2] == (1, 1) else _lax_conv
-    dw = jax.vjp(lambda w: weights(x, w, strides, pads, precision), w)[1](dy)[0]
+    phases = functools.partial(_phases, strides=strides, pads=pads, precision=precision)
+    if w.shape[:2] == (1, 1):  # both gradients by phases, from one trace
+        return jax.vjp(phases, x, w)[1](dy)
+    dx = jax.vjp(lambda x: phases(x, w), x)[1](dy)[0]
+    dw = jax.vjp(lambda w: _lax_conv(x, w, strides, pads, precision), w)[1](dy)[0]
     return dx, dw
 
 
 _strided_conv.defvjp(_strided_conv_fwd, _strided_conv_bwd)
+
+
+def _out_positions(padded: Sequence[int], kernel: Sequence[int], strides: Sequence[int]
+                   ) -> tuple[int, ...]:
+    """Output rows and columns of a conv whose padded input has `padded` rows and columns."""
+    return tuple((n - k) // s + 1 for n, k, s in zip(padded, kernel, strides))
 
 
 def _window(x: jax.Array, start: tuple[int, int, int], size: Sequence[int],
@@ -376,7 +383,7 @@ def _shifted_input(x: jax.Array, w: jax.Array, pads: tuple[tuple[int, int], ...]
 def _shifted_conv_fwd(x, w, strides, pads):
     kh, kw, shifts, channels = w.shape
     xp, _ = _shifted_input(x, w, pads)
-    out = tuple((xp.shape[1 + a] - w.shape[a]) // strides[a] + 1 for a in range(2))
+    out = _out_positions(xp.shape[1:3], w.shape[:2], strides)
     y = sum(_window(xp, (i, j, d), (*out, channels), strides) * w[i, j, d]
             for i in range(kh) for j in range(kw) for d in range(shifts))
     return y, (x, w)
