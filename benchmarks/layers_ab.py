@@ -59,12 +59,7 @@ def compare(name: str, batch: int, steps: int, other: ModuleType, with_torch: bo
             setattr(layers, k, v)
     if with_torch:
         runs["torch"] = train_step.torch_step(config, classes, True, False)[0]
-    times = {k: [] for k in runs}
-    for i in range(steps + 1):
-        for key, run in runs.items():
-            t = train_step.seconds(run)
-            if i:
-                times[key].append(t)
+    times = train_step.interleave(runs, steps, warmup=1)
     rates = {k: batch / float(np.median(v)) for k, v in times.items()}
     print(f"{name}: " + ", ".join(f"{k} {v:.2f}" for k, v in rates.items())
           + f" img/s; current / against {rates['current'] / rates['against']:.3f}", flush=True)

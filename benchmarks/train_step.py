@@ -355,6 +355,26 @@ def peak_flops(dtype: str, size: int, repeats: int = 5) -> float:
     return 2 * size ** 3 / float(np.median(times))
 
 
+def interleave(runs: dict[str, Callable[[], None]], steps: int, warmup: int,
+               budget_s: float = float("inf")) -> dict[str, list[float]]:
+    """Seconds of each run's timed steps, the runs' steps taken in turn so that load from other
+    processes falls on all of them alike. A run is not stepped again once it has a timed step
+    and has spent budget_s."""
+    times = {k: [] for k in runs}
+    spent = dict.fromkeys(runs, 0.0)
+    for i in range(warmup + steps):
+        for key, run in runs.items():
+            if times[key] and spent[key] > budget_s:
+                continue
+            t = seconds(run)
+            spent[key] += t
+            # A step longer than the whole budget is its own sample, warm-up or not (XLA has
+            # compiled already; the first run's extra cost is small against minutes).
+            if i >= warmup or t > budget_s:
+                times[key].append(t)
+    return times
+
+
 def seconds(fn: Callable[[], object]) -> float:
     start = time.perf_counter()
     fn()
@@ -378,18 +398,7 @@ def compare(name: str, batch: int, steps: int, warmup: int, gpu: bool) -> dict:
     print(f"{name}: parameters jax {jax_params:,}, torch {torch_params:,}", flush=True)
     assert torch_params == jax_params, (name, jax_params, torch_params)
 
-    times = {k: [] for k in runs}
-    spent = dict.fromkeys(runs, 0.0)
-    for i in range(warmup + steps):
-        for key, run in runs.items():
-            if times[key] and spent[key] > VARIANT_BUDGET_S:
-                continue
-            t = seconds(run)
-            spent[key] += t
-            # A step longer than the whole budget is its own sample, warm-up or not (XLA has
-            # compiled already; the first run's extra cost is small against minutes).
-            if i >= warmup or t > VARIANT_BUDGET_S:
-                times[key].append(t)
+    times = interleave(runs, steps, warmup, VARIANT_BUDGET_S)
     rates = {k: batch / float(np.median(v)) for k, v in times.items()}
     torch_best = max((k for k in rates if k.startswith("torch_")), key=rates.get)
     # Model FLOPs from lax's convs: the tap convs' elementwise multiply-adds count alike, but the
