@@ -1,4 +1,5 @@
-"""The benchmark scripts that need neither torch nor faiss still run, at their smallest sizes.
+"""The benchmark scripts, or their sides that need neither torch nor faiss, still run at their
+smallest sizes.
 
 Nothing else imports them, so an API change elsewhere would otherwise break them unnoticed (one
 did: benchmarks/synthetic.py after training.init_state gained its objective argument). Their
@@ -38,6 +39,18 @@ def test_sharded_gallery_benchmark_matches_the_single_device_search():
     speed = result["speed"]
     assert speed["indices_equal"] and speed["scores_equal"]
     assert speed["queries_compared"] == 64
+
+
+def test_matcher_benchmark_agrees_with_numpy_without_faiss():
+    result = run_benchmark("matcher.py", "--gallery", "2000,3000", "--queries", "100", "--k", "1,5",
+                           "--repeats", "1", "--peak-size", "256", "--sides", "jfacerec,numpy")
+    cases = result["cases"]
+    assert [(c["gallery"], c["k"]) for c in cases] == [(2000, 1), (2000, 5), (3000, 1), (3000, 5)]
+    for case in cases:
+        assert case["check"]["ok"]
+        assert case["check"]["jfacerec_vs_numpy_index_agreement"] == 1.0
+        assert case["check"]["jfacerec_score_error"] < 1e-5
+        assert case["jfacerec"]["queries_per_s"] > 0 and "faiss" not in case
 
 
 @needs_lfw
