@@ -58,7 +58,9 @@ def compare(name: str, batch: int, steps: int, other: ModuleType, with_torch: bo
         for k, v in originals.items():
             setattr(layers, k, v)
     if with_torch:
-        runs["torch"] = train_step.torch_step(config, classes, True, False)[0]
+        import torch_peers
+
+        runs["torch"] = torch_peers.torch_step(config, classes, True, False)[0]
     times = train_step.interleave(runs, steps, warmup=1)
     rates = {k: batch / float(np.median(v)) for k, v in times.items()}
     print(f"{name}: " + ", ".join(f"{k} {v:.2f}" for k, v in rates.items())
@@ -83,7 +85,7 @@ def main() -> None:
                for name in args.models.split(",")}
     print(json.dumps({"against": args.against, "steps": args.steps, "load_average": [
         load, os.getloadavg()[0]], "seconds": time.time() - start,
-        "machine": train_step.machine(), "results": results}))
+        "machine": train_step.machine(args.torch), "results": results}))
 
 
 if __name__ == "__main__":

@@ -13,6 +13,8 @@ import subprocess
 import sys
 
 from conftest import REPO, needs_lfw
+from jfacerec import training
+from jfacerec.models import summary
 
 
 def run_benchmark(script: str, *args: str) -> dict:
@@ -39,6 +41,26 @@ def test_sharded_gallery_benchmark_matches_the_single_device_search():
     speed = result["speed"]
     assert speed["indices_equal"] and speed["scores_equal"]
     assert speed["queries_compared"] == 64
+
+
+def test_train_step_benchmark_times_our_variants_without_torch():
+    result = run_benchmark("train_step.py", "--quick", "--models", "resnet_tiny", "--sides", "jax")
+    assert "torch" not in result["machine"]
+    r = result["results"]["resnet_tiny"]
+    assert r["parameters"] == 728_156  # the demo's network, the count its torch peer matches
+    variants = ("ours", "default_xla_options", "lax_convs_default_xla_options")
+    for v in variants:
+        rate = r[f"jax_{v}_images_per_s"]
+        assert rate > 0 and f"ratio_jax_{v}_to_torch_best" not in r
+        assert r[f"jax_{v}_mfu"] == r["flops_per_image"] * rate / result["peak_flops"]
+    # The step's FLOPs (forward, backward, update) from XLA against one forward pass.
+    sys.path.insert(0, REPO)
+    from configs import demo
+
+    config = demo.get_config()
+    forward = summary.totals(training.build_model(config, config.dataset.num_identities),
+                             config.image_size)["flops"]
+    assert 2.0 < r["flops_per_image"] / forward < 3.5
 
 
 def test_matcher_benchmark_agrees_with_numpy_without_faiss():
