@@ -3,6 +3,10 @@ same work with the same PIL operations, and both against the rate at which the t
 consumes images.
 
 python benchmarks/pipeline.py [--config configs/lfw.py] [--images 1536] [--rounds 2] [--steps 5]
+    [--sides grain,torch]
+
+`--sides grain` runs the grain cases and the train step without importing torch (the test suite
+runs it that way, at its smallest sizes).
 
 The data is what `python -m jfacerec.train --config configs/lfw.py` trains on: LFW deep-funneled
 ($JFACEREC_DATA/lfw), every person outside the View 1 test pairs. A seeded random subset of those
@@ -321,16 +325,20 @@ def train_step_rates(config, dataset, faces: InMemoryFaces, steps: int, rounds: 
     return {"compile_s": compile_s, "alone": alone, "fed": runs, "ratio_fed_to_alone": ratios}
 
 
-def versions() -> dict:
+def versions(with_torch: bool) -> dict:
     from importlib import metadata
 
     import jax
     import PIL
-    import torch
 
-    return {"python": platform.python_version(), "jax": jax.__version__,
-            "grain": metadata.version("grain"), "torch": torch.__version__,
-            "pillow": PIL.__version__, "numpy": np.__version__}
+    found = {"python": platform.python_version(), "jax": jax.__version__,
+             "grain": metadata.version("grain"), "pillow": PIL.__version__,
+             "numpy": np.__version__}
+    if with_torch:
+        import torch
+
+        found["torch"] = torch.__version__
+    return found
 
 
 MODES = ("decode", "cached")
@@ -351,6 +359,8 @@ def main():
     parser.add_argument("--full-decode", action="store_true",
                         help="also time torch decoding every JPEG at full size (no draft mode)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--sides", default="grain,torch",
+                        help="grain and torch, or grain alone (no torch needed)")
     # Set by the parent for a child (one case).
     parser.add_argument("--side", choices=("grain", "torch"))
     parser.add_argument("--mode", choices=MODES, default="decode")
@@ -365,6 +375,10 @@ def main():
     if a.side:
         a.workers = a.workers[0]
         return child(a)
+    sides = set(a.sides.split(","))
+    if "grain" not in sides or not sides <= {"grain", "torch"}:
+        parser.error(f"--sides must be grain,torch or grain; got {a.sides!r}")
+    with_torch = "torch" in sides
 
     from absl import flags
 
@@ -405,7 +419,7 @@ def main():
     for mode in MODES if not a.train_only else ():
         for name, w, t in variants:
             cases.append((f"grain/{mode}/{name}", "grain", mode, w, t, True))
-            if name == f"w{w}":
+            if name == f"w{w}" and with_torch:
                 cases.append((f"torch/{mode}/w{w}", "torch", mode, w, threads, True))
                 if a.full_decode and mode == "decode":
                     cases.append((f"torch/full_decode/w{w}", "torch", mode, w, threads, False))
@@ -445,14 +459,16 @@ def main():
             fed_ratio = float(np.median(train_rates["ratio_fed_to_alone"][f"{mode}/{name}"]))
             row = {"train_step_fed_images_per_s": fed_rate, "ratio_fed_to_alone": fed_ratio}
             if not a.train_only:
-                g, t = med[f"grain/{mode}/{name}"], med[f"torch/{mode}/w{w}"]
+                g = med[f"grain/{mode}/{name}"]
                 row = {"grain_images_per_s": g["images_per_s"],
-                       "torch_images_per_s": t["images_per_s"],
-                       "ratio_grain_to_torch": g["images_per_s"] / t["images_per_s"],
                        "grain_cpu_ms_per_image": g["cpu_ms_per_image"],
-                       "torch_cpu_ms_per_image": t["cpu_ms_per_image"],
-                       "ratio_grain_to_train_step": g["images_per_s"] / train_alone,
-                       "ratio_torch_to_train_step": t["images_per_s"] / train_alone, **row}
+                       "ratio_grain_to_train_step": g["images_per_s"] / train_alone, **row}
+            if not a.train_only and with_torch:
+                t = med[f"torch/{mode}/w{w}"]
+                row.update(torch_images_per_s=t["images_per_s"],
+                           ratio_grain_to_torch=g["images_per_s"] / t["images_per_s"],
+                           torch_cpu_ms_per_image=t["cpu_ms_per_image"],
+                           ratio_torch_to_train_step=t["images_per_s"] / train_alone)
                 if a.full_decode and mode == "decode":
                     row["torch_full_decode_images_per_s"] = \
                         med[f"torch/full_decode/w{w}"]["images_per_s"]
@@ -460,15 +476,17 @@ def main():
         by_mode[mode] = rows
 
     if not a.train_only:
+        peers = "torch | grain/torch | " if with_torch else ""
         for mode in MODES:
             print(f"\n{mode}: images/s (CPU ms per image)\n"
-                  "| grain | grain | torch | grain/torch | grain/train step | "
-                  "train step fed by grain (/alone) |\n" + "| --- " * 6 + "|")
+                  f"| grain | grain | {peers}grain/train step | "
+                  "train step fed by grain (/alone) |\n" + "| --- " * (4 + 2 * with_torch) + "|")
             for name, row in by_mode[mode].items():
+                torch_cells = (f"{row['torch_images_per_s']:,.0f} "
+                               f"({row['torch_cpu_ms_per_image']:.2f}) | "
+                               f"{row['ratio_grain_to_torch']:.2f}x | " if with_torch else "")
                 print(f"| {name} | {row['grain_images_per_s']:,.0f} "
-                      f"({row['grain_cpu_ms_per_image']:.2f}) | {row['torch_images_per_s']:,.0f} "
-                      f"({row['torch_cpu_ms_per_image']:.2f}) | "
-                      f"{row['ratio_grain_to_torch']:.2f}x | "
+                      f"({row['grain_cpu_ms_per_image']:.2f}) | {torch_cells}"
                       f"{row['ratio_grain_to_train_step']:.1f}x | "
                       f"{row['train_step_fed_images_per_s']:,.0f} "
                       f"({row['ratio_fed_to_alone']:.2f}) |")
@@ -478,7 +496,7 @@ def main():
         "crop_fraction": config.dataset.crop_fraction, "augment": augment,
         "num_threads": threads, "files_per_case": n, "timed_images_per_case": timed * batch,
         "rounds": a.rounds, "cpu_count": os.cpu_count(), "load_average_at_start": load_at_start,
-        "load_average_at_end": os.getloadavg(), **versions(),
+        "load_average_at_end": os.getloadavg(), **versions(with_torch),
         "pipeline_seconds": pipeline_seconds,
         "train_step_images_per_s": train_alone, "train_steps_timed": a.steps,
         "train_step_compile_s": train_rates["compile_s"],

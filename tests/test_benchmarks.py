@@ -3,8 +3,8 @@ smallest sizes.
 
 Nothing else imports them, so an API change elsewhere would otherwise break them unnoticed (one
 did: benchmarks/synthetic.py after training.init_state gained its objective argument). Their
-figures are not checked here, only that each run ends in its JSON line and what that line says
-about correctness.
+speed is not checked here, only that each run ends in its JSON line, what that line says about
+correctness, and how its figures relate to each other.
 """
 
 import json
@@ -73,6 +73,22 @@ def test_matcher_benchmark_agrees_with_numpy_without_faiss():
         assert case["check"]["jfacerec_vs_numpy_index_agreement"] == 1.0
         assert case["check"]["jfacerec_score_error"] < 1e-5
         assert case["jfacerec"]["queries_per_s"] > 0 and "faiss" not in case
+
+
+@needs_lfw
+def test_pipeline_benchmark_times_grain_and_the_step_it_feeds_without_torch():
+    result = run_benchmark("pipeline.py", "--images", "128", "--rounds", "1", "--steps", "2",
+                           "--workers", "0", "--sides", "grain")
+    assert "torch" not in result and result["timed_images_per_case"] == 128
+    alone = result["train_step_images_per_s"]
+    for mode in ("decode", "cached"):
+        row = result[mode]["w0"]
+        assert "torch_images_per_s" not in row
+        assert row["ratio_grain_to_train_step"] == row["grain_images_per_s"] / alone
+        assert row["train_step_fed_images_per_s"] > 0
+    # Cached faces skip the JPEG decoding: reading them is clearly faster.
+    rates = {mode: result[mode]["w0"]["grain_images_per_s"] for mode in ("decode", "cached")}
+    assert rates["cached"] > rates["decode"]
 
 
 @needs_lfw
