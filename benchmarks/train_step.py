@@ -10,11 +10,10 @@ init_state, make_train_step, jitted with the state donated as `train` does) on i
 benchmarks/torch_peers.py with the same layers, widths, norms, classifier, loss (softmax
 cross-entropy, same label smoothing) and optimizer (SGD, same momentum, Nesterov and weight
 decay on kernels only), in PyTorch's default NCHW layout and in channels_last. Ours runs as
-`train` compiles it, and
-without each of the two CPU changes that made it faster (the backbones' convs computed by
-layers.conv_general_dilated; parallel.compiler_options), to show what each buys. Steps of all
-of them alternate on one fixed batch, so load from other processes hits each alike; figures are
-medians over the steps after warm-up.
+`train` compiles it, and without each of the two CPU changes that made it faster (the
+backbones' convs computed by layers.conv_general_dilated; parallel.compiler_options), to show
+what each buys. Steps of all of them alternate on one fixed batch, so load from other processes
+hits each alike; figures are medians over the steps after warm-up.
 
 MFU: the model's FLOPs per image for the whole step (forward, backward and update; about 3x the
 forward), from XLA's cost analysis, times images/s, over the peak FLOP/s of a 4096^3 float32
