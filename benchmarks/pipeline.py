@@ -463,13 +463,13 @@ def main():
                 row = {"grain_images_per_s": g["images_per_s"],
                        "grain_cpu_ms_per_image": g["cpu_ms_per_image"],
                        "ratio_grain_to_train_step": g["images_per_s"] / train_alone, **row}
-            if not a.train_only and with_torch:
-                t = med[f"torch/{mode}/w{w}"]
-                row.update(torch_images_per_s=t["images_per_s"],
-                           ratio_grain_to_torch=g["images_per_s"] / t["images_per_s"],
-                           torch_cpu_ms_per_image=t["cpu_ms_per_image"],
-                           ratio_torch_to_train_step=t["images_per_s"] / train_alone)
-                if a.full_decode and mode == "decode":
+                if with_torch:
+                    t = med[f"torch/{mode}/w{w}"]
+                    row.update(torch_images_per_s=t["images_per_s"],
+                               ratio_grain_to_torch=g["images_per_s"] / t["images_per_s"],
+                               torch_cpu_ms_per_image=t["cpu_ms_per_image"],
+                               ratio_torch_to_train_step=t["images_per_s"] / train_alone)
+                if with_torch and a.full_decode and mode == "decode":
                     row["torch_full_decode_images_per_s"] = \
                         med[f"torch/full_decode/w{w}"]["images_per_s"]
             rows[name] = row
