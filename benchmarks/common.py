@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import subprocess
@@ -9,6 +10,18 @@ import sys
 import time
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def parse_sides(parser: argparse.ArgumentParser, text: str, known: tuple[str, ...],
+                required: tuple[str, ...] = ()) -> list[str]:
+    """The sides named in a comma-separated `--sides`, in order; a side not in `known`, or one of
+    `required` left out, ends the script through parser.error."""
+    sides = text.split(",")
+    if unknown := set(sides) - set(known):
+        parser.error(f"unknown sides {sorted(unknown)}")
+    if missing := set(required) - set(sides):
+        parser.error(f"--sides must include {sorted(missing)}")
+    return sides
 
 
 def train_and_evaluate(config: str, workdir: str, overrides: list[str]) -> dict:

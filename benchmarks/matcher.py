@@ -53,6 +53,8 @@ from typing import Callable
 import numpy as np
 from tqdm import tqdm
 
+from common import parse_sides
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SIDES = ("jfacerec", "faiss", "numpy")
 # Queries in the untimed warm-up call. jfacerec's is its default query block, so that it compiles the
@@ -397,9 +399,7 @@ def main():
     galleries = [int(x) for x in args.gallery.split(",")]
     query_counts = [int(x) for x in args.queries.split(",")]
     ks = [int(x) for x in args.k.split(",")]
-    sides = args.sides.split(",")
-    if unknown := set(sides) - set(SIDES):
-        parser.error(f"unknown sides {sorted(unknown)}")
+    sides = parse_sides(parser, args.sides, SIDES)
 
     os.makedirs(args.data_dir, exist_ok=True)
     paths = (data_path(args.data_dir, "gallery", max(galleries), args.dim, args.seed),

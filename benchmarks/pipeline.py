@@ -62,6 +62,8 @@ import time
 
 import numpy as np
 
+from common import parse_sides
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 WARMUP_BATCHES = 2  # not timed: workers start, first batches out
@@ -375,10 +377,7 @@ def main():
     if a.side:
         a.workers = a.workers[0]
         return child(a)
-    sides = set(a.sides.split(","))
-    if "grain" not in sides or not sides <= {"grain", "torch"}:
-        parser.error(f"--sides must be grain,torch or grain; got {a.sides!r}")
-    with_torch = "torch" in sides
+    with_torch = "torch" in parse_sides(parser, a.sides, ("grain", "torch"), required=("grain",))
 
     from absl import flags
 

@@ -48,6 +48,8 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
+from common import parse_sides  # noqa: E402
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
@@ -249,10 +251,7 @@ def main() -> None:
     parser.add_argument("--sides", default="jax,torch",
                         help="jax (ours, with its ablations) and torch, or jax alone")
     args = parser.parse_args()
-    sides = set(args.sides.split(","))
-    if "jax" not in sides or not sides <= {"jax", "torch"}:
-        parser.error(f"--sides must be jax,torch or jax; got {args.sides!r}")
-    with_torch = "torch" in sides
+    with_torch = "torch" in parse_sides(parser, args.sides, ("jax", "torch"), required=("jax",))
 
     gpu = jax.devices()[0].platform == "gpu"
     if with_torch:
