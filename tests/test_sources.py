@@ -28,6 +28,19 @@ def test_scan_labels_identities_in_sorted_order(tmp_path):
     assert files.skipped == () and len(files) == 12
 
 
+def test_a_cached_source_decodes_each_file_once(tmp_path):
+    files = folders.scan_identity_folders(str(make_tree(tmp_path / "tree")))
+    cached = sources.ImageFileSource(files, size=24, cache=True)
+    plain = sources.ImageFileSource(files, size=24)
+    first = cached[5]["image"]
+    np.testing.assert_array_equal(plain[5]["image"], first)
+    os.remove(files.paths[5])
+    # Later epochs read the kept face, not the file; an uncached source goes back to the file.
+    np.testing.assert_array_equal(cached[5]["image"], first)
+    with pytest.raises(FileNotFoundError, match=os.path.basename(files.paths[5])):
+        plain[5]
+
+
 def test_corrupt_files_are_skipped_with_a_warning_or_fail_when_strict(tmp_path):
     root = make_tree(tmp_path / "tree")
     (root / "person_0" / "9.png").write_bytes(b"garbage")
