@@ -53,9 +53,8 @@ from typing import Callable
 import numpy as np
 from tqdm import tqdm
 
-from common import parse_sides
+from common import REPO, parse_sides
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SIDES = ("jfacerec", "faiss", "numpy")
 # Queries in the untimed warm-up call. jfacerec's is its default query block, so that it compiles the
 # very program the timed calls run; faiss and NumPy compile nothing and only need their threads up

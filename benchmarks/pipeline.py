@@ -62,9 +62,8 @@ import time
 
 import numpy as np
 
-from common import parse_sides
+from common import REPO, parse_sides
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 WARMUP_BATCHES = 2  # not timed: workers start, first batches out
 TAIL_BATCHES = 4  # read after the timed ones, so that prefetching runs to the window's end
