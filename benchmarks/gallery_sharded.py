@@ -64,8 +64,8 @@ from jax.sharding import NamedSharding, PartitionSpec as P  # noqa: E402
 from common import REPO  # noqa: E402
 sys.path.insert(0, REPO)
 
-from jfacerec import matcher  # noqa: E402
-from jfacerec.parallel import make_mesh  # noqa: E402
+from jfacerec.inference import matcher  # noqa: E402
+from jfacerec.core.parallel import make_mesh  # noqa: E402
 
 MIB = 2 ** 20
 # top_k_cosine's defaults, which the compiled programs measured here must match.

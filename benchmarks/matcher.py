@@ -118,7 +118,7 @@ def prepare(side: str, gallery: np.ndarray) -> Search:
     if side == "jfacerec":
         import jax
 
-        from jfacerec.matcher import top_k_cosine
+        from jfacerec.inference.matcher import top_k_cosine
         device_gallery = jax.block_until_ready(jax.device_put(gallery))
         return lambda q, k: top_k_cosine(q, device_gallery, k=k)
     if side == "faiss":
@@ -170,7 +170,7 @@ def side_worker(task: dict) -> tuple[dict, Callable[[], dict], Callable[[], dict
     """
     # Libraries are imported before the baseline: their code is not the search's working memory.
     if task["side"] == "jfacerec":
-        import jfacerec.matcher  # noqa: F401
+        import jfacerec.inference.matcher  # noqa: F401
     elif task["side"] == "faiss":
         import faiss  # noqa: F401
     gallery = read_rows(task["gallery_path"], task["ng"])

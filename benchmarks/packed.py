@@ -28,7 +28,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from jfacerec.data import pack  # noqa: E402
 from jfacerec.data.folders import scan_identity_folders  # noqa: E402
-from jfacerec.data.sources import ArrayRecordSource, ImageFileSource  # noqa: E402
+from jfacerec.data.records import ArrayRecordSource, ImageFileSource  # noqa: E402
 
 
 def median_rate(fn, n: int, repeats: int) -> float:

@@ -206,7 +206,7 @@ def image_files(files: dict):
 def grain_case(files: dict, a: argparse.Namespace) -> dict:
     from jfacerec.data import pipeline
     from jfacerec.data.images import load_face
-    from jfacerec.data.sources import ImageFileSource
+    from jfacerec.data.records import ImageFileSource
 
     source = ImageFileSource(image_files(files), size=a.size, crop_fraction=a.crop_fraction,
                              cache=True)
@@ -261,9 +261,10 @@ def train_step_rates(config, dataset, faces: InMemoryFaces, steps: int, rounds: 
     of every run, and each fed run's ratio to the mean of the alone runs either side of it."""
     import jax
 
-    from jfacerec import parallel, training
+    from jfacerec import training
+    from jfacerec.core import parallel
     from jfacerec.data import pipeline
-    from jfacerec.objectives import Objective
+    from jfacerec.losses.objectives import Objective
 
     mesh = parallel.mesh_from_config(config)
     batch_sharding = parallel.data_sharding(mesh)

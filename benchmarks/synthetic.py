@@ -24,10 +24,11 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from jfacerec import parallel, training  # noqa: E402
+from jfacerec import training  # noqa: E402
+from jfacerec.core import parallel  # noqa: E402
 from jfacerec.data import pipeline, sources  # noqa: E402
 from jfacerec.data.synthetic import render_faces  # noqa: E402
-from jfacerec.objectives import Objective  # noqa: E402
+from jfacerec.losses.objectives import Objective  # noqa: E402
 
 
 def load_config(path: str):

@@ -4,7 +4,7 @@ python benchmarks/train_step.py [--models resnet_tiny,iresnet18,mobilefacenet] [
     [--warmup 1] [--batch resnet_tiny=128,iresnet18=16,mobilefacenet=16] [--sides jax,torch]
     [--quick]
 
-For each backbone: jfacerec's real train step (`jfacerec.training`: build_model, make_optimizer,
+For each backbone: jfacerec's real train step (`jfacerec.training`: models.from_config, make_optimizer,
 init_state, make_train_step, jitted with the state donated as `train` does) on its config
 (configs/demo.py for resnet_tiny, configs/zoo.py for the others), against an nn.Module in
 benchmarks/torch_peers.py with the same layers, widths, norms, classifier, loss (softmax
@@ -53,9 +53,10 @@ from common import REPO, parse_sides  # noqa: E402
 sys.path.insert(0, REPO)
 
 from configs import demo, zoo  # noqa: E402
-from jfacerec import parallel, training  # noqa: E402
+from jfacerec import models, training  # noqa: E402
+from jfacerec.core import parallel  # noqa: E402
 from jfacerec.models import layers  # noqa: E402
-from jfacerec.objectives import Objective  # noqa: E402
+from jfacerec.losses.objectives import Objective  # noqa: E402
 
 MODELS = ("resnet_tiny", "iresnet18", "mobilefacenet")
 # Per-step batch on the 2-core CPU: the demo's 128 for its 32-pixel backbone, less for the
@@ -104,7 +105,7 @@ def jax_step(config, classes: int, variant: str) -> tuple[Callable[[], None], di
 
     variant: one of VARIANTS; "ours" is training.train's jit (state donated, its options).
     """
-    model = training.build_model(config, classes)
+    model = models.from_config(config, classes)
     tx = training.make_optimizer(config)
     size, batch = config.image_size, config.batch_size
     data = {"image": jax.random.normal(jax.random.key(1), (batch, size, size, 3)),

@@ -1,6 +1,6 @@
 """LFW: train on the people outside a pairs file's fold, verify that fold's pairs.
 
-python -m jfacerec.benchmarks.lfw --config configs/lfw.py --workdir workdirs/lfw
+python -m jfacerec.evaluation.lfw --config configs/lfw.py --workdir workdirs/lfw
 (View 1: pairsDevTest.txt; pass --pairs .../pairs.txt for View 2, --folds to pick folds.)
 Tuned on View 1 only, for about 30 minutes on a 2-core CPU (benchmarks/README.md).
 "runlocal" shrinks it to a smoke test.

@@ -1,6 +1,6 @@
 """AT&T/ORL faces: 40 subjects x 10 grey 92x112 images.
 
-python -m jfacerec.benchmarks.orl --config configs/orl.py --workdir workdirs/orl [--splits 10]
+python -m jfacerec.evaluation.orl --config configs/orl.py --workdir workdirs/orl [--splits 10]
 Closed set: 5 training and 5 test images per subject, over random splits; open set: 30 known
 subjects, 10 unknown. Reported beside an eigenfaces baseline computed in the same run.
 "runlocal" shrinks it to a smoke test.

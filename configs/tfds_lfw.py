@@ -12,7 +12,7 @@ then
 TFDS's lfw is one split of 13,233 images, labelled with people's names and without the pairs
 files: every identity trains, one image of each person with two or more is held out for
 closed-set classification, and there is no unseen split (use configs/lfw.py and
-jfacerec.benchmarks.lfw for the pairs protocol). "runlocal" shrinks it to a smoke test.
+jfacerec.evaluation.lfw for the pairs protocol). "runlocal" shrinks it to a smoke test.
 """
 
 import os

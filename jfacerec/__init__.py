@@ -1,14 +1,17 @@
 """jfacerec: face recognition in JAX/Flax.
 
 `jfacerec.load(workdir)` returns a trained model that embeds, verifies and identifies faces
-(see jfacerec/api.py).
+(see jfacerec/inference/recognizer.py). The packages and their layering: ARCHITECTURE.md.
 """
+
+_LAZY = {"load": "jfacerec.inference.recognizer", "FaceRecognizer": "jfacerec.inference.recognizer",
+         "Match": "jfacerec.inference.gallery", "UNKNOWN": "jfacerec.inference.gallery"}
 
 
 def __getattr__(name: str):
     # Lazy: `import jfacerec` stays cheap for the commands that never need a model.
-    if name in ("load", "FaceRecognizer", "Match", "UNKNOWN"):
-        from jfacerec import api
+    if name in _LAZY:
+        import importlib
 
-        return getattr(api, name)
+        return getattr(importlib.import_module(_LAZY[name]), name)
     raise AttributeError(f"module 'jfacerec' has no attribute {name!r}")

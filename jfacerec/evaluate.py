@@ -10,117 +10,12 @@ Writes DIR/eval/metrics.json, roc.png and scores.png, and prints a table.
 
 from __future__ import annotations
 
-import json
-import os
-
-import jax
-import ml_collections
-import numpy as np
 from absl import app, flags, logging
 
-from jfacerec import matcher, metrics, parallel, protocols, report
-from jfacerec.cli import config_and_workdir_flags, config_from_flags, exit_on_user_error
-from jfacerec.data import sources
-from jfacerec.data.pipeline import eval_batches
-from jfacerec.inference import make_embed_fn, make_logits_fn, restore, run_over
-
-
-def verification_metrics(scores: np.ndarray, same: np.ndarray, folds: int) -> dict[str, float]:
-    kfold = metrics.kfold_accuracy(scores, same, folds)
-    return {
-        "verification/auc": metrics.roc_auc(scores, same),
-        "verification/eer": metrics.eer(scores, same),
-        "verification/accuracy": kfold.mean,
-        "verification/accuracy_std": kfold.std,
-        "verification/tar@far=1e-2": metrics.tar_at_far(scores, same, 1e-2),
-        "verification/tar@far=1e-3": metrics.tar_at_far(scores, same, 1e-3),
-    }
-
-
-def open_set_metrics(embeddings: np.ndarray, labels: np.ndarray, seed: int) -> dict[str, float]:
-    """Threshold chosen on the validation half, accuracy measured on the test half."""
-    val, test = protocols.open_set_splits(labels, seed=seed)
-
-    def best_matches(split):
-        scores, idx = matcher.top_k_cosine(embeddings[split.queries], embeddings[split.gallery], k=1)
-        return scores[:, 0], split.gallery_labels[idx[:, 0]]
-
-    v_scores, v_labels = best_matches(val)
-    threshold, _ = metrics.best_open_set_threshold(v_scores, v_labels, val.query_labels)
-    t_scores, t_labels = best_matches(test)
-    known = test.query_labels != -1
-    answer = np.where(t_scores >= threshold, t_labels, -1)
-    return {
-        "openset/accuracy": metrics.open_set_accuracy(t_scores, t_labels, test.query_labels,
-                                                      threshold),
-        "openset/threshold": threshold,
-        "openset/known_identified": float(np.mean(answer[known] == test.query_labels[known])),
-        "openset/unknown_rejected": float(np.mean(answer[~known] == -1)),
-        "openset/rank1": float(np.mean(t_labels[known] == test.query_labels[known])),
-    }
-
-
-def pixel_embeddings(source: sources.Source, image_size: int) -> np.ndarray:
-    """Raw pixels as embeddings: the no-learning baseline. float32 [n, size*size*3]."""
-    return np.concatenate([b["image"].reshape(len(b["image"]), -1) + 1.0  # back to >= 0
-                           for b in eval_batches(source, batch_size=256, image_size=image_size)])
-
-
-def cosine_of_pairs(embeddings: np.ndarray, first: np.ndarray, second: np.ndarray) -> np.ndarray:
-    a, b = embeddings[first], embeddings[second]
-    return np.sum(a * b, -1) / (np.linalg.norm(a, axis=-1) * np.linalg.norm(b, axis=-1) + 1e-12)
-
-
-def evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
-    """Runs every evaluation that the dataset supports; returns the flat metrics dict."""
-    out_dir = os.path.join(workdir, "eval")
-    os.makedirs(out_dir, exist_ok=True)
-    dataset = sources.get_dataset(config)
-    restored = restore(config, workdir, dataset.num_classes)
-    variables = restored.variables
-    run = dict(batch_size=config.eval.batch_size, image_size=config.image_size,
-               mesh=restored.mesh)
-    results: dict[str, float] = {
-        "step": restored.step,
-        "num_parameters": int(sum(x.size for x in jax.tree.leaves(variables["params"]))),
-        "flip_averaged": bool(config.eval.flip),
-    }
-
-    if dataset.test is not None:
-        logits_fn = make_logits_fn(restored.model, flip=config.eval.flip)
-        logits, labels = run_over(logits_fn, variables, dataset.test, desc="classification", **run)
-        results["classification/top1"] = metrics.top_k_accuracy(logits, labels, 1)
-        results["classification/top5"] = metrics.top_k_accuracy(logits, labels, 5)
-
-    if dataset.unseen is not None:
-        embeddings, labels = run_over(make_embed_fn(restored.model, flip=config.eval.flip),
-                                      variables, dataset.unseen, desc="verification", **run)
-        first, second, same = protocols.make_pairs(labels, config.eval.num_pairs, seed=config.seed)
-        scores = cosine_of_pairs(embeddings, first, second)
-        results.update(verification_metrics(scores, same, config.eval.folds))
-        pixels = pixel_embeddings(dataset.unseen, config.image_size)
-        pixel_scores = cosine_of_pairs(pixels, first, second)
-        results["baseline/pixel_auc"] = metrics.roc_auc(pixel_scores, same)
-        results.update(open_set_metrics(embeddings, labels, config.seed))
-        threshold, _ = metrics.best_threshold(scores, same)
-        results["verification/threshold"] = threshold
-        report.roc_plot(os.path.join(out_dir, "roc.png"),
-                        {config.model.name: (scores, same), "raw pixels": (pixel_scores, same)})
-        report.score_histogram(os.path.join(out_dir, "scores.png"), scores, same, threshold)
-
-    if jax.process_index() == 0:
-        with open(os.path.join(out_dir, "metrics.json"), "w") as f:
-            json.dump(results, f, indent=2, sort_keys=True)
-        report.training_curves(workdir)
-    return results
-
-
-def format_table(results: dict[str, float]) -> str:
-    width = max(len(k) for k in results)
-    rows = [f"{k:<{width}}  {v:.4f}" if isinstance(v, float) else f"{k:<{width}}  {v}"
-            for k, v in sorted(results.items())]
-    return "\n".join(rows)
-
+from jfacerec.core import parallel
+from jfacerec.core import workdir as workdir_files
+from jfacerec.core.cli import config_and_workdir_flags, config_from_flags, exit_on_user_error
+from jfacerec.evaluation.evaluator import evaluate, format_table
 
 
 def main(argv):
@@ -130,7 +25,7 @@ def main(argv):
     with exit_on_user_error():
         results = evaluate(config_from_flags(), flags.FLAGS.workdir)
     print(format_table(results))
-    print(f"wrote {os.path.join(flags.FLAGS.workdir, 'eval', 'metrics.json')}")
+    print(f"wrote {workdir_files.path(flags.FLAGS.workdir, workdir_files.EVAL_METRICS)}")
 
 
 if __name__ == "__main__":

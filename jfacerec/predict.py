@@ -1,6 +1,6 @@
 """python -m jfacerec.predict --workdir DIR --data HW2P2_ROOT --out OUT [--split test|dev]
 
-The course's submission files, from a model trained on the HW2P2 layout (../shared/ARCHITECTURE.md):
+The course's submission files, from a model trained on the HW2P2 layout:
 - OUT/classification.csv (`id,label`): the training identity of each image of classification/test/;
 - OUT/verification.csv (`id,label`): for each image of verification/unknown_<split>/, the identity
   of verification/known/ it shows, or n000000 for someone not there. The unknown threshold is the
@@ -11,98 +11,12 @@ written atomically: an interrupted run leaves the previous files whole.
 
 from __future__ import annotations
 
-import csv
-import json
 import os
 
-import numpy as np
 from absl import app, flags, logging
 
-from jfacerec import metrics
-from jfacerec.api import UNKNOWN, FaceRecognizer, load
-from jfacerec.atomic import atomic_open
-from jfacerec.cli import exit_on_user_error, strict_flag
-from jfacerec.data.folders import scan_flat_folder, scan_identity_folders
-from jfacerec.data.sources import Hw2p2Layout, read_id_label_csv
-from jfacerec.gallery import enroll
-
-
-def write_csv(path: str, rows: list[tuple[str, str]]) -> None:
-    with atomic_open(path, "w", newline="") as f:
-        out = csv.writer(f)
-        out.writerow(["id", "label"])
-        out.writerows(rows)
-
-
-def classification_rows(recognizer: FaceRecognizer, folder: str, *,
-                        strict: bool) -> list[tuple[str, str]]:
-    """(file name, predicted training identity) for each image of a flat folder."""
-    files = scan_flat_folder(os.path.abspath(folder), strict=strict)
-    names = recognizer.classify_files(list(files.paths))
-    return [(os.path.basename(p), n) for p, n in zip(files.paths, names)]
-
-
-def classification_dev_accuracy(recognizer: FaceRecognizer, folder: str, *,
-                                strict: bool) -> float:
-    files = scan_identity_folders(os.path.abspath(folder), strict=strict)
-    predicted = recognizer.classify_files(list(files.paths))
-    truth = [files.names[c] for c in files.labels]
-    return float(np.mean([p == t for p, t in zip(predicted, truth)]))
-
-
-def best_known_matches(recognizer: FaceRecognizer, gallery, folder: str, *,
-                       strict: bool) -> tuple[list[str], np.ndarray, np.ndarray]:
-    """(file names, best scores [n], best gallery rows [n]) of a flat query folder."""
-    files = scan_flat_folder(os.path.abspath(folder), strict=strict)
-    matches = gallery.identify(recognizer.embed_files(list(files.paths), desc=folder), k=1,
-                               threshold=-np.inf)
-    ids = [os.path.basename(p) for p in files.paths]
-    return ids, np.array([m.score for m in matches]), np.array([m.name for m in matches])
-
-
-def calibrate(scores: np.ndarray, best: np.ndarray, ids: list[str],
-              truth: dict[str, str]) -> tuple[float, float]:
-    """(threshold, dev accuracy at it): the unknown threshold that maximises accuracy."""
-    missing = [i for i in ids if i not in truth]
-    if missing:
-        raise ValueError(f"dev_identities.csv has no label for {missing[:3]} "
-                         f"({len(missing)} queries)")
-    names = sorted(set(best.tolist()) | {truth[i] for i in ids} - {UNKNOWN})
-    index = {n: k for k, n in enumerate(names)}
-    code = lambda name: -1 if name == UNKNOWN else index[name]  # noqa: E731
-    return metrics.best_open_set_threshold(scores, [code(n) for n in best],
-                                           [code(truth[i]) for i in ids])
-
-
-def predict(workdir: str, data: str, out: str, *, split: str = "test",
-            strict: bool = False) -> dict[str, float]:
-    """Writes the submission CSVs under `out`; returns the dev figures."""
-    layout = Hw2p2Layout(data)
-    recognizer = load(workdir)
-    report: dict[str, float] = {"step": recognizer.step, "flip_averaged": recognizer.flip}
-    os.makedirs(out, exist_ok=True)
-    if os.path.isdir(layout.dev):
-        report["classification/dev_top1"] = classification_dev_accuracy(recognizer, layout.dev,
-                                                                         strict=strict)
-    if os.path.isdir(layout.test):
-        write_csv(os.path.join(out, "classification.csv"),
-                  classification_rows(recognizer, layout.test, strict=strict))
-    if os.path.isdir(layout.known):
-        gallery = enroll(recognizer, scan_identity_folders(os.path.abspath(layout.known),
-                                                           strict=strict))
-        ids, scores, best = best_known_matches(recognizer, gallery, layout.unknown("dev"),
-                                               strict=strict)
-        threshold, accuracy = calibrate(scores, best, ids,
-                                        read_id_label_csv(layout.dev_identities))
-        report.update({"verification/threshold": threshold, "verification/dev_accuracy": accuracy})
-        if split != "dev":
-            ids, scores, best = best_known_matches(recognizer, gallery, layout.unknown(split),
-                                                   strict=strict)
-        labels = np.where(scores >= threshold, best, UNKNOWN)
-        write_csv(os.path.join(out, "verification.csv"), list(zip(ids, labels.tolist())))
-    with atomic_open(os.path.join(out, "report.json")) as f:
-        json.dump(report, f, indent=2, sort_keys=True)
-    return report
+from jfacerec.core.cli import exit_on_user_error, strict_flag
+from jfacerec.evaluation.hw2p2 import predict
 
 
 def main(argv):

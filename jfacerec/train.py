@@ -8,8 +8,8 @@ from __future__ import annotations
 
 from absl import app, flags, logging
 
-from jfacerec import parallel
-from jfacerec.cli import config_and_workdir_flags, config_from_flags, exit_on_user_error
+from jfacerec.core import parallel
+from jfacerec.core.cli import config_and_workdir_flags, config_from_flags, exit_on_user_error
 
 
 def main(argv):

@@ -15,8 +15,8 @@ from PIL import Image
 
 import jfacerec
 from conftest import DATA, LFW, REPO, hw2p2_tree, needs_lfw, needs_orl, tiny_config
-from jfacerec.atomic import atomic_open
-from jfacerec.gallery import Gallery, enroll
+from jfacerec.core.atomic import atomic_open
+from jfacerec.inference.gallery import Gallery, enroll
 from jfacerec.data.folders import scan_identity_folders
 
 pytestmark = pytest.mark.slow
@@ -162,7 +162,7 @@ def test_atomic_writes_leave_the_old_file_whole_on_failure(tmp_path):
 
 @needs_lfw
 def test_lfw_protocol_on_two_view2_folds(tmp_path):
-    from jfacerec.benchmarks import lfw
+    from jfacerec.evaluation import lfw
 
     people = sorted(n for n in os.listdir(LFW) if len(os.listdir(os.path.join(LFW, n))) >= 3)
     folds = [people[0:4], people[4:8]]
@@ -194,7 +194,7 @@ def test_lfw_protocol_on_two_view2_folds(tmp_path):
 
 @needs_orl
 def test_orl_protocol_reports_cnn_and_eigenfaces(tmp_path):
-    from jfacerec.benchmarks import orl
+    from jfacerec.evaluation import orl
 
     sys.path.insert(0, os.path.join(REPO, "configs"))
     from orl import get_config

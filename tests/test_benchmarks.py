@@ -13,7 +13,7 @@ import subprocess
 import sys
 
 from conftest import REPO, needs_lfw
-from jfacerec import training
+from jfacerec import models
 from jfacerec.models import summary
 
 
@@ -58,7 +58,7 @@ def test_train_step_benchmark_times_our_variants_without_torch():
     from configs import demo
 
     config = demo.get_config()
-    forward = summary.totals(training.build_model(config, config.dataset.num_identities),
+    forward = summary.totals(models.from_config(config, config.dataset.num_identities),
                              config.image_size)["flops"]
     assert 2.0 < r["flops_per_image"] / forward < 3.5
 

@@ -41,7 +41,7 @@ def test_jit_grad_and_registry():
 # ---- margin losses -------------------------------------------------------------------------------
 
 from jfacerec import losses  # noqa: E402
-from jfacerec.objectives import parse_terms  # noqa: E402
+from jfacerec.losses.objectives import parse_terms  # noqa: E402
 
 
 def random_problem(b=6, d=5, c=4, seed=0):

@@ -3,8 +3,8 @@ import jax
 import numpy as np
 import pytest
 
-from jfacerec.matcher import shard_gallery, top_k_cosine
-from jfacerec.parallel import make_mesh
+from jfacerec.inference.matcher import shard_gallery, top_k_cosine
+from jfacerec.core.parallel import make_mesh
 
 
 def brute_force(q, g, k):

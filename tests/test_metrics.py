@@ -1,7 +1,8 @@
 import numpy as np
 import pytest
 
-from jfacerec import metrics, protocols
+from jfacerec import metrics
+from jfacerec.evaluation import protocols
 
 
 @pytest.fixture

@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from conftest import tiny_config
-from jfacerec import parallel
+from jfacerec.core import parallel
 from jfacerec.models import FaceModel
 from jfacerec.training import abstract_train_state, train
 

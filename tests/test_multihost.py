@@ -16,8 +16,8 @@ import jax
 import numpy as np
 
 from conftest import REPO, tiny_config
-from jfacerec import parallel
-from jfacerec.checkpoint import Checkpointer
+from jfacerec.core import parallel
+from jfacerec.core.checkpoint import Checkpointer
 from jfacerec.data import pipeline
 from jfacerec.training import abstract_train_state
 
@@ -119,7 +119,7 @@ def train_two_processes(workdir, total_steps):
 # and a cross-process reduction (gloo) and gather see the whole batch.
 _PLACEMENT = """
 import jax, numpy as np
-from jfacerec import parallel
+from jfacerec.core import parallel
 from jfacerec.data import pipeline
 parallel.maybe_initialize_distributed()
 p = jax.process_index()

@@ -10,10 +10,10 @@ import numpy as np
 import pytest
 
 from conftest import REPO
-from jfacerec import parallel
+from jfacerec.core import parallel
 from jfacerec.data.pipeline import train_dataset
-from jfacerec.data.sources import SyntheticSource
-from jfacerec.objectives import Objective
+from jfacerec.data.records import SyntheticSource
+from jfacerec.losses.objectives import Objective
 from jfacerec.training import abstract_train_state, init_state, make_train_step
 
 sys.path.insert(0, os.path.join(REPO, "configs"))

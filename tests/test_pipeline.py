@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from jfacerec.data.pipeline import Augment, eval_batches, random_crop_flip, train_dataset
-from jfacerec.data.sources import SyntheticSource
+from jfacerec.data.records import SyntheticSource
 
 
 @pytest.fixture(scope="module")

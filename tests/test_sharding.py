@@ -12,7 +12,9 @@ import numpy as np
 import pytest
 
 from conftest import tiny_config
-from jfacerec import losses, parallel, sharded_softmax
+from jfacerec import losses
+from jfacerec.core import parallel
+from jfacerec.losses import sharded_softmax
 from jfacerec.training import abstract_train_state, train
 
 MESHES = [(8, 1), (4, 2), (2, 4)]  # (data, model)

@@ -11,11 +11,12 @@ import numpy as np
 import pytest
 
 from conftest import DATA, LFW, ORL, REPO, hw2p2_tree, make_tree, needs_lfw, needs_orl, tiny_config
-from jfacerec.data import folders, pack, sources
+from jfacerec.data import folders, pack, records, sources
 from jfacerec.data.images import ImageDecodeError
 from jfacerec.data.pipeline import Augment, color_jitter, train_dataset
 from jfacerec.data.synthetic import render_faces
-from jfacerec.protocols import read_lfw_pairs, thresholds_from_other_folds
+from jfacerec.data.pairs import read_lfw_pairs
+from jfacerec.evaluation.protocols import thresholds_from_other_folds
 
 
 
@@ -30,8 +31,8 @@ def test_scan_labels_identities_in_sorted_order(tmp_path):
 
 def test_a_cached_source_decodes_each_file_once(tmp_path):
     files = folders.scan_identity_folders(str(make_tree(tmp_path / "tree")))
-    cached = sources.ImageFileSource(files, size=24, cache=True)
-    plain = sources.ImageFileSource(files, size=24)
+    cached = records.ImageFileSource(files, size=24, cache=True)
+    plain = records.ImageFileSource(files, size=24)
     first = cached[5]["image"]
     np.testing.assert_array_equal(plain[5]["image"], first)
     os.remove(files.paths[5])
@@ -106,9 +107,9 @@ def test_pack_round_trip_equals_the_folder(tmp_path):
         index = pack.pack(str(root), str(tmp_path / "packed"), shards=2)
     assert index["num_records"] == 12 and index["counts"] == [4, 4, 4]
     assert len(index["skipped"]) == 1 and len(index["shards"]) == 2
-    packed = sources.ArrayRecordSource(str(tmp_path / "packed"), size=24)
+    packed = records.ArrayRecordSource(str(tmp_path / "packed"), size=24)
     with pytest.warns(folders.SkippedImageWarning, match="bad.png"):
-        folder = sources.ImageFileSource(folders.scan_identity_folders(str(root)), size=24)
+        folder = records.ImageFileSource(folders.scan_identity_folders(str(root)), size=24)
     assert packed.names == list(folder.files.names)
     np.testing.assert_array_equal(packed.labels(), folder.labels())
     for i in range(len(folder)):  # original bytes are stored: identical pixels
@@ -127,7 +128,7 @@ def test_pack_command_with_resize_and_a_stale_index(tmp_path):
                          capture_output=True, text=True, cwd=REPO)
     assert out.returncode == 0, out.stderr
     assert "packed 6 images of 2 identities" in out.stdout
-    source = sources.ArrayRecordSource(str(tmp_path / "p"), size=20)
+    source = records.ArrayRecordSource(str(tmp_path / "p"), size=20)
     chex.assert_shape(source[5]["image"], (20, 20, 3))
     index_path = tmp_path / "p" / "index.json"
     index = json.loads(index_path.read_text())

@@ -2,8 +2,9 @@ import chex
 import numpy as np
 import pytest
 
-from jfacerec import metrics, protocols
-from jfacerec.data.sources import UNSEEN_IDENTITY_OFFSET, SyntheticSource
+from jfacerec import metrics
+from jfacerec.evaluation import protocols
+from jfacerec.data.records import UNSEEN_IDENTITY_OFFSET, SyntheticSource
 from jfacerec.data.synthetic import render_faces
 
 

@@ -13,10 +13,10 @@ import numpy as np
 import pytest
 
 from conftest import REPO, tiny_config
-from jfacerec.checkpoint import Checkpointer
-from jfacerec.evaluate import evaluate
+from jfacerec.core.checkpoint import Checkpointer
+from jfacerec.evaluation.evaluator import evaluate
 from jfacerec.training import NonFiniteLossError, abstract_train_state, train
-from jfacerec import parallel
+from jfacerec.core import parallel
 
 
 def restore_params(config, workdir, num_classes=8, step=None):

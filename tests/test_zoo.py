@@ -192,7 +192,7 @@ def test_zoo_configs_build_every_backbone_at_both_sizes():
     import sys
 
     from conftest import REPO
-    from jfacerec.training import build_model
+    from jfacerec.models import from_config
 
     sys.path.insert(0, os.path.join(REPO, "configs"))
     import zoo
@@ -200,7 +200,7 @@ def test_zoo_configs_build_every_backbone_at_both_sizes():
     for name in zoo.BACKBONES:
         for variant in (name, f"{name},cpu"):
             c = zoo.get_config(variant)
-            model = build_model(c, num_classes=c.dataset.num_identities)
+            model = from_config(c, num_classes=c.dataset.num_identities)
             x = jnp.zeros((1, c.image_size, c.image_size, 3))
             variables = jax.eval_shape(lambda: model.init(jax.random.key(0), x))
             out = jax.eval_shape(lambda v: model.apply(v, x, return_feats=True), variables)

@@ -8,7 +8,7 @@ image is decoded once while packing (unreadable files are skipped with a warning
 DST holds `index.json` (format version, identity names, images per identity, shard files) and
 `shard-XXXXX-of-YYYYY.array_record`. A record is a 4-byte little-endian int32 label followed by the
 encoded image; records are written identity by identity, so the labels follow from the counts.
-Read them back with `jfacerec.data.sources.ArrayRecordSource` (config `dataset.name="arrayrecord"`).
+Read them back with `jfacerec.data.records.ArrayRecordSource` (config `dataset.name="arrayrecord"`).
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ from absl import app, flags
 from PIL import Image
 from tqdm.auto import tqdm
 
-from jfacerec.cli import exit_on_user_error
+from jfacerec.core.cli import exit_on_user_error
 from jfacerec.data.folders import scan_identity_folders
 from jfacerec.data.images import load_face
 

@@ -18,7 +18,7 @@ import jax
 import numpy as np
 from jax.sharding import NamedSharding
 from jfacerec.data.images import resize
-from jfacerec.data.sources import Source, labels_of
+from jfacerec.data.records import Source, labels_of
 
 
 @dataclasses.dataclass(frozen=True)

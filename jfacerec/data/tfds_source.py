@@ -14,10 +14,10 @@ import ml_collections
 import numpy as np
 
 from jfacerec.data.folders import split_per_identity
-from jfacerec.data.sources import FaceDataset, _DecodedSource
+from jfacerec.data.records import DecodedSource, FaceDataset
 
 
-class TfdsSource(_DecodedSource):
+class TfdsSource(DecodedSource):
     """Split `split` of the prepared TFDS dataset `name` (array_record format), decoded like image
     files: uint8 [size, size, 3] faces, the central `crop_fraction` of each image.
 

@@ -7,7 +7,9 @@ from typing import Any, Callable
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import ml_collections
 
+from jfacerec.losses.objectives import Objective
 from jfacerec.models.convnext import ConvNeXt
 from jfacerec.models.heads import CosineClassifier, EmbeddingHead, LinearClassifier
 from jfacerec.models.iresnet import IResNet
@@ -148,4 +150,15 @@ def registered_models() -> list[str]:
     return sorted(_MODELS)
 
 
-__all__ = ["FaceModel", "NORMS", "Norm", "get_model", "registered_models"]
+def from_config(config: ml_collections.ConfigDict, num_classes: int) -> FaceModel:
+    """The model a training config names, with `num_classes` classes and the head its loss needs."""
+    m = config.model
+    head, head_scale = Objective.from_config(config).head
+    return get_model(m.name, num_classes=num_classes, embedding_dim=m.embedding_dim, norm=m.norm,
+                     norm_groups=m.norm_groups, width_multiplier=m.width_multiplier,
+                     dropout=m.dropout, dropblock=m.get("dropblock", 0.0),
+                     dtype=jnp.dtype(config.dtype), head=head,
+                     head_scale=head_scale)
+
+
+__all__ = ["FaceModel", "NORMS", "Norm", "from_config", "get_model", "registered_models"]

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import json
-import os
 
 import matplotlib
 
@@ -12,6 +10,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 from jfacerec import metrics  # noqa: E402
+from jfacerec.core import workdir as workdir_files  # noqa: E402
 
 
 def roc_plot(path: str, curves: dict[str, tuple[np.ndarray, np.ndarray]]) -> None:
@@ -52,11 +51,7 @@ def score_histogram(path: str, scores: np.ndarray, same: np.ndarray,
 
 def training_curves(workdir: str) -> str | None:
     """Loss, accuracy and learning rate from WORKDIR/metrics.jsonl -> WORKDIR/training.png."""
-    path = os.path.join(workdir, "metrics.jsonl")
-    if not os.path.exists(path):
-        return None
-    with open(path) as f:
-        rows = [json.loads(line) for line in f if line.strip()]
+    rows = workdir_files.read_metrics(workdir)
     if not rows:
         return None
     steps = [r["step"] for r in rows]
@@ -68,7 +63,7 @@ def training_curves(workdir: str) -> str | None:
         ax.set_xlabel("step")
         ax.grid(True, alpha=0.3)
     fig.tight_layout()
-    out = os.path.join(workdir, "training.png")
+    out = workdir_files.path(workdir, workdir_files.TRAINING_PLOT)
     fig.savefig(out, dpi=110)
     plt.close(fig)
     return out

@@ -13,6 +13,8 @@ from typing import Any
 import jax
 import orbax.checkpoint as ocp
 
+from jfacerec.core import workdir as workdir_files
+
 FORMAT_VERSION = 1
 
 
@@ -25,7 +27,7 @@ class Checkpointer:
     """Saves every `every_steps` (asynchronously) and keeps the newest `keep`."""
 
     def __init__(self, workdir: str, *, keep: int = 3, async_save: bool = True):
-        self.directory = os.path.abspath(os.path.join(workdir, "checkpoints"))
+        self.directory = os.path.abspath(workdir_files.path(workdir, workdir_files.CHECKPOINTS))
         options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
                                                enable_async_checkpointing=async_save)
         self.manager = ocp.CheckpointManager(self.directory, options=options,
@@ -58,6 +60,14 @@ class Checkpointer:
         Raises ValueError, naming the checkpoint, when it was written by another format version
         or for parameters of other shapes (another model or config).
         """
+        step = self._checked_step(abstract_state.params, step)
+        out = self.manager.restore(step, args=ocp.args.Composite(
+            state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore()))
+        return out["state"], out["data"], step
+
+    def _checked_step(self, abstract_params: Any, step: int | None) -> int:
+        """`step` (the newest by default), once its format version and parameter shapes are
+        those of `abstract_params`."""
         step = self.latest_step() if step is None else step
         if step is None:
             raise FileNotFoundError(f"no checkpoint in {self.directory}")
@@ -66,7 +76,7 @@ class Checkpointer:
         if meta.get("format_version") != FORMAT_VERSION:
             raise ValueError(f"checkpoint {where} has format version {meta.get('format_version')}, "
                              f"this jfacerec reads version {FORMAT_VERSION}")
-        expected = _shapes(abstract_state.params)
+        expected = _shapes(abstract_params)
         if meta.get("param_shapes") != expected:
             diff = sorted(k for k in set(expected) | set(meta.get("param_shapes", {}))
                           if expected.get(k) != meta.get("param_shapes", {}).get(k))
@@ -74,9 +84,17 @@ class Checkpointer:
                 f"checkpoint {where} holds parameters of other shapes than this config's model "
                 f"(first differences: {diff[:3]}); use the config it was trained with, or a new "
                 f"--workdir")
-        out = self.manager.restore(step, args=ocp.args.Composite(
-            state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore()))
-        return out["state"], out["data"], step
+        return step
+
+    def restore_variables(self, abstract: dict[str, Any],
+                          step: int | None = None) -> tuple[dict[str, Any], int]:
+        """Restores only `abstract`'s entries of the state ({"params", "batch_stats"}), for
+        inference: the optimizer state is neither read nor needed. Returns (variables, step)."""
+        step = self._checked_step(abstract["params"], step)
+        out = self.manager.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
+            abstract, restore_args=ocp.checkpoint_utils.construct_restore_args(abstract),
+            partial_restore=True)))
+        return {key: out["state"][key] for key in abstract}, step
 
     def wait(self) -> None:
         """Blocks until every started save is on disk."""

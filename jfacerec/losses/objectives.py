@@ -15,7 +15,8 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from jfacerec import losses, sharded_softmax
+from jfacerec.losses import functions as losses
+from jfacerec.losses import sharded_softmax
 
 _TERM = re.compile(r"^\s*(?:([0-9.eE+-]+)\s*\*\s*)?([a-z_]+)\s*$")
 

@@ -27,8 +27,9 @@ import jax.numpy as jnp
 from jax import lax
 from jax.sharding import Mesh, PartitionSpec as P
 
-from jfacerec import losses, parallel
-from jfacerec.parallel import DATA_AXIS, MODEL_AXIS
+from jfacerec.core import parallel
+from jfacerec.losses import functions as losses
+from jfacerec.core.parallel import DATA_AXIS, MODEL_AXIS
 
 # (target cosine [b], embeddings [b, D]) -> (target logit before scaling [b], scale: [b] or scalar)
 MarginFn = Callable[[jax.Array, jax.Array], tuple[jax.Array, Any]]

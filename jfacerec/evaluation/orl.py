@@ -1,4 +1,4 @@
-"""python -m jfacerec.benchmarks.orl --config configs/orl.py --workdir W [--splits 10]
+"""python -m jfacerec.evaluation.orl --config configs/orl.py --workdir W [--splits 10]
 
 The AT&T/ORL protocol, with an eigenfaces baseline (PCA + nearest neighbour, NumPy) computed on
 the same images in the same run:
@@ -20,15 +20,17 @@ import os
 import numpy as np
 from absl import app, flags, logging
 
-from jfacerec import metrics, protocols
-from jfacerec.api import load
-from jfacerec.atomic import atomic_open
-from jfacerec.cli import config_and_workdir_flags, config_from_flags, exit_on_user_error
+from jfacerec import metrics
+from jfacerec.evaluation import protocols
+from jfacerec.inference.recognizer import load
+from jfacerec.core.atomic import atomic_open
+from jfacerec.core.cli import config_and_workdir_flags, config_from_flags, exit_on_user_error
 from jfacerec.data import sources
-from jfacerec.gallery import enroll
+from jfacerec.data.records import ImageFileSource
+from jfacerec.inference.gallery import enroll
 
 
-def grey_pixels(source: sources.ImageFileSource) -> np.ndarray:
+def grey_pixels(source: ImageFileSource) -> np.ndarray:
     """float64 [n, size*size]: the source's faces in grey, as eigenfaces sees them."""
     images = np.stack([source[i]["image"] for i in range(len(source))]).astype(np.float64)
     return (images @ np.array([0.299, 0.587, 0.114])).reshape(len(images), -1)

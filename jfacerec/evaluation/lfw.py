@@ -1,4 +1,4 @@
-"""python -m jfacerec.benchmarks.lfw --config configs/lfw.py --workdir W [--data DIR]
+"""python -m jfacerec.evaluation.lfw --config configs/lfw.py --workdir W [--data DIR]
     [--pairs FILE] [--folds 0,3]
 
 The LFW pairs protocol, unrestricted with labelled outside data drawn from LFW itself: for each
@@ -21,13 +21,15 @@ import time
 import numpy as np
 from absl import app, flags, logging
 
-from jfacerec import metrics, protocols, report
-from jfacerec.api import load
-from jfacerec.atomic import atomic_open
-from jfacerec.cli import config_and_workdir_flags, config_from_flags, exit_on_user_error
+from jfacerec import metrics
+from jfacerec.data.pairs import LfwPair, read_lfw_pairs
+from jfacerec.evaluation import plots, protocols
+from jfacerec.inference.recognizer import load
+from jfacerec.core.atomic import atomic_open
+from jfacerec.core.cli import config_and_workdir_flags, config_from_flags, exit_on_user_error
 
 
-def score_pairs(workdir: str, pairs: list[protocols.LfwPair], root: str) -> np.ndarray:
+def score_pairs(workdir: str, pairs: list[LfwPair], root: str) -> np.ndarray:
     """Cosine scores [len(pairs)] of the model trained in `workdir`."""
     paths = [p for pair in pairs for p in pair.paths(root)]
     unique = sorted(set(paths))
@@ -55,7 +57,7 @@ def run(config, workdir: str, folds: list[int] | None = None) -> dict:
     """Trains and scores the selected folds (all by default); returns the results dict."""
     from jfacerec.training import train  # deferred: after distributed initialisation
 
-    all_folds = protocols.read_lfw_pairs(config.dataset.pairs)
+    all_folds = read_lfw_pairs(config.dataset.pairs)
     folds = list(range(len(all_folds))) if folds is None else folds
     if bad := [f for f in folds if not 0 <= f < len(all_folds)]:
         raise ValueError(f"{config.dataset.pairs} has {len(all_folds)} folds; no fold {bad}")
@@ -91,16 +93,16 @@ def run(config, workdir: str, folds: list[int] | None = None) -> dict:
     }
     with atomic_open(os.path.join(workdir, "lfw_results.json")) as f:
         json.dump(results, f, indent=2)
-    report.roc_plot(os.path.join(workdir, "lfw_roc.png"),
+    plots.roc_plot(os.path.join(workdir, "lfw_roc.png"),
                     {f"{config.model.name} (LFW)": (all_scores, all_same)})
-    report.score_histogram(os.path.join(workdir, "lfw_scores.png"), all_scores, all_same,
+    plots.score_histogram(os.path.join(workdir, "lfw_scores.png"), all_scores, all_same,
                            float(np.median(thresholds)))
     return results
 
 
 def main(argv):
     del argv
-    from jfacerec import parallel
+    from jfacerec.core import parallel
 
     parallel.maybe_initialize_distributed()
     logging.set_verbosity(logging.WARNING)

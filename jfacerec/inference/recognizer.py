@@ -12,49 +12,22 @@ cropped to the face and resized exactly as in training (the workdir's config.jso
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
-import json
 import os
 from typing import Any, Sequence
 
 import jax
-import ml_collections
 import numpy as np
 
-from jfacerec.checkpoint import Checkpointer
+from jfacerec.core import workdir as workdir_files
+from jfacerec.core.checkpoint import Checkpointer
 from jfacerec.data import images as image_io
 from jfacerec.data.folders import ImageFiles
-from jfacerec.data.sources import ArraySource, ImageFileSource, Source
-from jfacerec.inference import Restored, make_embed_fn, make_logits_fn, restore, run_over
-from jfacerec.training import IDENTITIES_FILE
-
-# The label of a query that matches no enrolled identity (the HW2P2 course's convention).
-UNKNOWN = "n000000"
+from jfacerec.data.records import ArraySource, ImageFileSource, Source
+from jfacerec.inference.gallery import Gallery, Match
+from jfacerec.inference.restore import Restored, make_embed_fn, make_logits_fn, restore, run_over
 
 ImageLike = Any  # a path, a PIL image, or an array [h, w] / [h, w, 1|3|4]
-
-
-@dataclasses.dataclass(frozen=True)
-class Match:
-    """The best enrolled identity for a query: `name` is UNKNOWN below the threshold."""
-
-    name: str
-    score: float
-    candidates: tuple[tuple[str, float], ...]  # the top-k (name, score), best first
-
-    @property
-    def known(self) -> bool:
-        return self.name != UNKNOWN
-
-
-def read_config(workdir: str) -> ml_collections.ConfigDict:
-    path = os.path.join(workdir, "config.json")
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"{path}: not a training workdir (no config.json); train with "
-                                f"python -m jfacerec.train --config ... --workdir {workdir}")
-    with open(path) as f:
-        return ml_collections.ConfigDict(json.load(f))
 
 
 def fingerprint(params: Any) -> str:
@@ -74,12 +47,12 @@ class FaceRecognizer:
     def __init__(self, workdir: str, *, threshold: float | None = None, step: int | None = None,
                  batch_size: int = 64):
         self.workdir = workdir
-        self.config = read_config(workdir)
+        self.config = workdir_files.read_config(workdir)
         meta = Checkpointer(workdir).meta(step)
         kernel = next(shape for key, shape in meta["param_shapes"].items()
                       if key.startswith("['classifier']") and key.endswith("['kernel']"))
         self.num_classes = kernel[-1]
-        self._restored: Restored = restore(self.config, workdir, self.num_classes)
+        self._restored: Restored = restore(self.config, workdir, self.num_classes, step=step)
         self.step = self._restored.step
         self.image_size = int(self.config.image_size)
         self.crop_fraction = float(self.config.dataset.get("crop_fraction", 1.0))
@@ -90,18 +63,11 @@ class FaceRecognizer:
         self.threshold = threshold if threshold is not None else self._calibrated_threshold()
         self._embed = make_embed_fn(self._restored.model, flip=self.flip)
         self._logits = make_logits_fn(self._restored.model, flip=self.flip)
-        names_path = os.path.join(workdir, IDENTITIES_FILE)
-        self.class_names: list[str] | None = None
-        if os.path.isfile(names_path):
-            with open(names_path) as f:
-                self.class_names = json.load(f)
+        self.class_names = workdir_files.read_identities(workdir)
 
     def _calibrated_threshold(self) -> float | None:
-        path = os.path.join(self.workdir, "eval", "metrics.json")
-        if os.path.isfile(path):
-            with open(path) as f:
-                return json.load(f).get("verification/threshold")
-        return None
+        results = workdir_files.read_eval_metrics(self.workdir)
+        return None if results is None else results.get("verification/threshold")
 
     def __repr__(self) -> str:
         return (f"FaceRecognizer({self.config.model.name}, step {self.step}, "
@@ -185,8 +151,6 @@ class FaceRecognizer:
         """The best enrolled identity of each image, UNKNOWN below the threshold (the given one,
         else the gallery's, else the calibrated verification threshold). `gallery`: a Gallery or
         the path of a gallery file made with this model."""
-        from jfacerec.gallery import Gallery
-
         if isinstance(gallery, (str, os.PathLike)):
             gallery = Gallery.load(os.fspath(gallery))
         gallery.check_compatible(self)

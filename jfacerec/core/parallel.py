@@ -114,3 +114,15 @@ def barrier(name: str, timeout_s: int = 1800) -> None:
         from jax._src import distributed  # the client is not exported publicly
 
         distributed.global_state.client.wait_at_barrier(name, timeout_in_ms=timeout_s * 1000)
+
+
+# The train state's class weights, by the end of their path in the state or its variables.
+_CLASS_WEIGHTS = ("['classifier']['kernel']", "['classifier']['bias']")
+
+
+def state_sharding(path: tuple, leaf: jax.ShapeDtypeStruct, mesh: Mesh) -> NamedSharding:
+    """The classifier's kernel and bias, and their optimizer moments, split by class over `model`
+    (no device holds every class); everything else replicated (the backbone is data parallel)."""
+    if leaf.ndim and jax.tree_util.keystr(path).endswith(_CLASS_WEIGHTS):
+        return class_sharding(mesh, leaf.ndim)
+    return replicated(mesh)

@@ -12,13 +12,13 @@ import ml_collections
 import numpy as np
 from tqdm.auto import tqdm
 
-from jfacerec import parallel
-from jfacerec.checkpoint import Checkpointer
+from jfacerec import models
+from jfacerec.core import parallel
+from jfacerec.core.checkpoint import Checkpointer
 from jfacerec.data import pipeline
-from jfacerec.data.sources import Source
+from jfacerec.data.records import Source
 from jfacerec.losses import l2_normalize
 from jfacerec.models import FaceModel
-from jfacerec.training import abstract_train_state
 
 
 @dataclasses.dataclass
@@ -29,12 +29,27 @@ class Restored:
     mesh: jax.sharding.Mesh
 
 
-def restore(config: ml_collections.ConfigDict, workdir: str, num_classes: int) -> Restored:
-    """The model of `config` with the weights of the newest checkpoint in `workdir`."""
+def abstract_variables(model: FaceModel, image_size: int,
+                       mesh: jax.sharding.Mesh) -> dict[str, Any]:
+    """{"params", "batch_stats"} as shapes with their shardings: nothing computed."""
+    shapes = jax.eval_shape(lambda: model.init(
+        jax.random.key(0), jnp.zeros((1, image_size, image_size, 3), jnp.float32)))
+    shapes = {"params": shapes["params"], "batch_stats": shapes.get("batch_stats", {})}
+    return jax.tree_util.tree_map_with_path(
+        lambda path, s: jax.ShapeDtypeStruct(s.shape, s.dtype,
+                                             sharding=parallel.state_sharding(path, s, mesh)),
+        shapes)
+
+
+def restore(config: ml_collections.ConfigDict, workdir: str, num_classes: int, *,
+            step: int | None = None) -> Restored:
+    """The model of `config` with the weights of a checkpoint in `workdir` (the newest by
+    default): its parameters and BatchNorm statistics only, not the optimizer state."""
     mesh = parallel.mesh_from_config(config)  # a model-split head restores split
-    model, _, abstract = abstract_train_state(config, num_classes, mesh)
-    state, _, step = Checkpointer(workdir, keep=config.keep_checkpoints).restore(abstract)
-    variables = {"params": state.params, "batch_stats": state.batch_stats}
+    parallel.check_class_split(num_classes, mesh)
+    model = models.from_config(config, num_classes)
+    abstract = abstract_variables(model, config.image_size, mesh)
+    variables, step = Checkpointer(workdir).restore_variables(abstract, step)
     return Restored(model, variables, step, mesh)
 
 

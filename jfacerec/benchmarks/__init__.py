@@ -1,1 +1,0 @@
-"""Accuracy protocols on public face datasets: `python -m jfacerec.benchmarks.lfw`, `.orl`."""

@@ -1,0 +1,92 @@
+"""The training workdir: the name and format of every file in it, in one place.
+
+    WORKDIR/config.json          the resolved config (JSON)
+    WORKDIR/identities.json      the training identities' names: class i is names[i]
+    WORKDIR/metrics.jsonl        one JSON object per logged step
+    WORKDIR/training.png         training curves drawn from metrics.jsonl
+    WORKDIR/tb/                  TensorBoard events
+    WORKDIR/checkpoints/<step>/  orbax checkpoints (see checkpoint.py)
+    WORKDIR/eval/metrics.json    evaluate's flat metrics; eval/roc.png, eval/scores.png
+
+Training writes them, evaluation adds `eval/`, and the recognizer (`jfacerec.load`) reads them.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+import ml_collections
+
+CONFIG = "config.json"
+IDENTITIES = "identities.json"
+METRICS = "metrics.jsonl"
+TRAINING_PLOT = "training.png"
+TENSORBOARD = "tb"
+CHECKPOINTS = "checkpoints"
+EVAL = "eval"
+EVAL_METRICS = os.path.join(EVAL, "metrics.json")
+ROC_PLOT = os.path.join(EVAL, "roc.png")
+SCORES_PLOT = os.path.join(EVAL, "scores.png")
+
+
+def path(workdir: str, name: str) -> str:
+    """WORKDIR/name, for one of the names above."""
+    return os.path.join(workdir, name)
+
+
+def write_config(config: ml_collections.ConfigDict, workdir: str) -> None:
+    with open(path(workdir, CONFIG), "w") as f:
+        f.write(config.to_json_best_effort(indent=2, sort_keys=True) + "\n")
+
+
+def read_config(workdir: str) -> ml_collections.ConfigDict:
+    """The config a workdir was trained with; FileNotFoundError when it is not a workdir."""
+    config_path = path(workdir, CONFIG)
+    if not os.path.isfile(config_path):
+        raise FileNotFoundError(f"{config_path}: not a training workdir (no {CONFIG}); train "
+                                f"with python -m jfacerec.train --config ... --workdir {workdir}")
+    with open(config_path) as f:
+        return ml_collections.ConfigDict(json.load(f))
+
+
+def write_identities(names: tuple[str, ...], workdir: str) -> None:
+    with open(path(workdir, IDENTITIES), "w") as f:
+        json.dump(list(names), f)
+
+
+def read_identities(workdir: str) -> list[str] | None:
+    """The training identities' names, or None when the dataset has none."""
+    names_path = path(workdir, IDENTITIES)
+    if not os.path.isfile(names_path):
+        return None
+    with open(names_path) as f:
+        return json.load(f)
+
+
+def write_eval_metrics(results: dict[str, Any], workdir: str) -> str:
+    """Writes eval/metrics.json; returns its path."""
+    out = path(workdir, EVAL_METRICS)
+    os.makedirs(os.path.dirname(out), exist_ok=True)
+    with open(out, "w") as f:
+        json.dump(results, f, indent=2, sort_keys=True)
+    return out
+
+
+def read_eval_metrics(workdir: str) -> dict[str, Any] | None:
+    """eval/metrics.json, or None before the workdir was evaluated."""
+    metrics_path = path(workdir, EVAL_METRICS)
+    if not os.path.isfile(metrics_path):
+        return None
+    with open(metrics_path) as f:
+        return json.load(f)
+
+
+def read_metrics(workdir: str) -> list[dict[str, float]]:
+    """The records of metrics.jsonl, in order ([] when there is none)."""
+    metrics_path = path(workdir, METRICS)
+    if not os.path.isfile(metrics_path):
+        return []
+    with open(metrics_path) as f:
+        return [json.loads(line) for line in f if line.strip()]

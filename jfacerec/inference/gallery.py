@@ -1,0 +1,186 @@
+"""The gallery of known people: enrolled embeddings, saved without pickle, and the 1:N search.
+
+A gallery file is a NumPy .npz (no pickle): identity names, unit-norm embeddings, the fingerprint of
+the model that made them, their dimension and a format version. A gallery is refused by a model
+with another fingerprint or dimension.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import io
+import os
+from typing import Protocol, Sequence
+
+import ml_collections
+import numpy as np
+
+from jfacerec.core.atomic import atomic_open
+from jfacerec.data.folders import ImageFiles, scan_flat_folder, scan_identity_folders
+from jfacerec.inference import matcher
+
+# The label of a query that matches no enrolled identity (the HW2P2 course's convention).
+UNKNOWN = "n000000"
+
+
+@dataclasses.dataclass(frozen=True)
+class Match:
+    """The best enrolled identity for a query: `name` is UNKNOWN below the threshold."""
+
+    name: str
+    score: float
+    candidates: tuple[tuple[str, float], ...]  # the top-k (name, score), best first
+
+    @property
+    def known(self) -> bool:
+        return self.name != UNKNOWN
+
+
+class Embedder(Protocol):
+    """What enrolling needs of a model: `jfacerec.load(workdir)` is one."""
+
+    workdir: str
+    config: ml_collections.ConfigDict
+    step: int
+    fingerprint: str
+    embedding_dim: int
+
+    def embed_files(self, paths: Sequence[str], *, desc: str = "embed") -> np.ndarray: ...
+
+
+FORMAT_VERSION = 1
+KEEP = ("mean", "all")
+
+
+@dataclasses.dataclass(frozen=True)
+class Gallery:
+    """Enrolled identities. names: str [g] (one row per identity with keep="mean", per image with
+    keep="all"); embeddings: float32 [g, dim], unit norm."""
+
+    names: np.ndarray
+    embeddings: np.ndarray
+    fingerprint: str
+    model: str
+    keep: str
+    threshold: float | None = None
+    workdir: str = ""
+
+    @property
+    def dim(self) -> int:
+        return self.embeddings.shape[1]
+
+    @property
+    def identities(self) -> list[str]:
+        return sorted(set(self.names.tolist()))
+
+    def save(self, path: str) -> None:
+        buffer = io.BytesIO()
+        np.savez(buffer, format_version=np.int64(FORMAT_VERSION), names=self.names.astype(str),
+                 embeddings=self.embeddings.astype(np.float32), dim=np.int64(self.dim),
+                 fingerprint=np.str_(self.fingerprint), model=np.str_(self.model),
+                 keep=np.str_(self.keep), workdir=np.str_(self.workdir),
+                 threshold=np.float64(np.nan if self.threshold is None else self.threshold))
+        with atomic_open(path, "wb") as f:
+            f.write(buffer.getvalue())
+
+    @classmethod
+    def load(cls, path: str) -> Gallery:
+        """Reads and validates a gallery file (version, keys, shapes)."""
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"{path}: no such gallery file; make one with "
+                                    f"python -m jfacerec.gallery enroll")
+        try:
+            with np.load(path, allow_pickle=False) as z:
+                data = {k: z[k] for k in z.files}
+        except (ValueError, OSError) as e:
+            raise ValueError(f"{path}: not a gallery file ({e})") from None
+        required = {"format_version", "names", "embeddings", "dim", "fingerprint", "model", "keep"}
+        if missing := required - set(data):
+            raise ValueError(f"{path}: not a gallery file (missing {sorted(missing)})")
+        if int(data["format_version"]) != FORMAT_VERSION:
+            raise ValueError(f"{path} has gallery format version {int(data['format_version'])}; "
+                             f"this jfacerec reads version {FORMAT_VERSION}: enroll again")
+        names, embeddings = data["names"], data["embeddings"]
+        if (embeddings.ndim != 2 or embeddings.shape[1] != int(data["dim"])
+                or names.shape != (embeddings.shape[0],)):
+            raise ValueError(f"{path}: inconsistent shapes (names {names.shape}, embeddings "
+                             f"{embeddings.shape}, dim {int(data['dim'])})")
+        threshold = float(data["threshold"]) if "threshold" in data else float("nan")
+        return cls(names=names.astype(str), embeddings=embeddings.astype(np.float32),
+                   fingerprint=str(data["fingerprint"]), model=str(data["model"]),
+                   keep=str(data["keep"]), threshold=None if np.isnan(threshold) else threshold,
+                   workdir=str(data.get("workdir", "")))
+
+    def check_compatible(self, recognizer: Embedder) -> None:
+        """Raises ValueError unless the gallery was enrolled by this very model."""
+        if self.dim != recognizer.embedding_dim:
+            raise ValueError(f"the gallery holds {self.dim}-dimensional embeddings and the model "
+                             f"in {recognizer.workdir} makes {recognizer.embedding_dim}-"
+                             f"dimensional ones: enroll the gallery again with this model")
+        if self.fingerprint != recognizer.fingerprint:
+            raise ValueError(f"the gallery was enrolled by another model (fingerprint "
+                             f"{self.fingerprint}, {self.model}) than the one in "
+                             f"{recognizer.workdir} ({recognizer.fingerprint}, step "
+                             f"{recognizer.step}): enroll the gallery again with this model")
+
+    def resolve_threshold(self, given: float | None, fallback: float | None) -> float:
+        for threshold in (given, self.threshold, fallback):
+            if threshold is not None:
+                return float(threshold)
+        raise ValueError("no threshold for unknown queries: pass --threshold (threshold=), "
+                         "enroll with one, or run python -m jfacerec.evaluate on the workdir")
+
+    def identify(self, queries: np.ndarray, *, k: int = 1, threshold: float) -> list[Match]:
+        """queries: unit-norm float32 [n, dim] -> the best k distinct identities of each."""
+        counts = np.unique(self.names, return_counts=True)[1]
+        rows = min(len(self.names), k * int(counts.max()))  # enough rows for k distinct names
+        scores, indices = matcher.top_k_cosine(queries, self.embeddings, k=rows)
+        scores, indices = np.asarray(scores), np.asarray(indices)
+        matches = []
+        for row_scores, row_indices in zip(scores, indices):
+            candidates: dict[str, float] = {}
+            for s, i in zip(row_scores, row_indices):
+                candidates.setdefault(str(self.names[i]), float(s))
+            best = list(candidates.items())[:k]
+            name, score = best[0]
+            matches.append(Match(name if score >= threshold else UNKNOWN, score, tuple(best)))
+        return matches
+
+
+def enroll(recognizer: Embedder, files: ImageFiles, *, keep: str = "mean",
+           threshold: float | None = None) -> Gallery:
+    """Embeds every image of an identity-folder scan; keeps each identity's normalised mean
+    embedding, or every embedding."""
+    if keep not in KEEP:
+        raise ValueError(f"keep must be one of {KEEP}, got {keep!r}")
+    embeddings = recognizer.embed_files(list(files.paths), desc="enroll")
+    names = np.array(files.names)[files.labels]
+    if keep == "mean":
+        sums = np.zeros((len(files.names), embeddings.shape[1]), np.float64)
+        np.add.at(sums, files.labels, embeddings)
+        embeddings = (sums / np.linalg.norm(sums, axis=1, keepdims=True)).astype(np.float32)
+        names = np.array(files.names)
+    return Gallery(names=names.astype(str), embeddings=embeddings,
+                   fingerprint=recognizer.fingerprint, model=recognizer.config.model.name,
+                   keep=keep, threshold=threshold, workdir=os.path.abspath(recognizer.workdir))
+
+
+def query_files(root: str, *, strict: bool) -> tuple[ImageFiles, list[str]]:
+    """(files, ids): a flat folder of queries, or an identity tree (labelled queries); ids are
+    paths relative to `root`."""
+    has_images = any(os.path.isfile(os.path.join(root, n)) for n in os.listdir(root)) \
+        if os.path.isdir(root) else True
+    files = (scan_flat_folder(os.path.abspath(root), strict=strict) if has_images
+             else scan_identity_folders(os.path.abspath(root), strict=strict))
+    return files, [os.path.relpath(p, os.path.abspath(root)) for p in files.paths]
+
+
+def write_matches(path: str, ids: list[str], matches: list[Match], k: int) -> None:
+    with atomic_open(path, "w", newline="") as f:
+        out = csv.writer(f)
+        out.writerow(["id", "label", "score"] + [c for r in range(2, k + 1)
+                                                 for c in (f"label_{r}", f"score_{r}")])
+        for query_id, m in zip(ids, matches):
+            extra = [v for name, score in m.candidates[1:k] for v in (name, f"{score:.6f}")]
+            out.writerow([query_id, m.name, f"{m.score:.6f}"] + extra)

@@ -1,0 +1,180 @@
+"""The training loop: config -> model, optimizer, sharded jitted step, checkpoints and logs.
+
+`train(config, workdir)` reads top to bottom like big_vision's train.py: workdir and logging;
+mesh; input pipeline; model and optimizer; shardings and the jitted step; resume; the loop.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+
+import jax
+import ml_collections
+import numpy as np
+from tqdm.auto import tqdm
+
+from jfacerec.core import parallel
+from jfacerec.core import workdir as workdir_files
+from jfacerec.core.checkpoint import Checkpointer
+from jfacerec.data import pipeline, sources
+from jfacerec.losses.objectives import Objective
+from jfacerec.training.state import TrainState, abstract_train_state, init_state
+from jfacerec.training.step import make_train_step
+
+
+def _say(message: str) -> None:
+    """A line for the person at the terminal (process 0 only), clear of the progress bar."""
+    if jax.process_index() == 0:
+        tqdm.write(message)
+
+
+class NonFiniteLossError(RuntimeError):
+    """The loss became NaN or infinite; the run stopped before saving anything from that point."""
+
+
+class _Logger:
+    """metrics.jsonl and TensorBoard, written by process 0 only."""
+
+    def __init__(self, workdir: str, resume_step: int):
+        self.enabled = jax.process_index() == 0
+        self.path = workdir_files.path(workdir, workdir_files.METRICS)
+        self.writer = None
+        if not self.enabled:
+            return
+        if os.path.exists(self.path):
+            # Lines written after the checkpoint we resume from describe steps that will be redone.
+            with open(self.path) as f:
+                kept = [l for l in f if l.strip() and json.loads(l)["step"] <= resume_step]
+            with open(self.path, "w") as f:
+                f.writelines(kept)
+        from tensorboardX import SummaryWriter  # deferred: only process 0 writes events
+        self.writer = SummaryWriter(workdir_files.path(workdir, workdir_files.TENSORBOARD))
+
+    def write(self, record: dict[str, float]) -> None:
+        if not self.enabled:
+            return
+        with open(self.path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+        for key, value in record.items():
+            if key != "step":
+                self.writer.add_scalar(f"train/{key}", value, record["step"])
+        self.writer.flush()
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+
+
+def _check_finite(metrics: list[dict], first_step: int, checkpointer: Checkpointer) -> None:
+    for offset, m in enumerate(metrics):
+        if not np.isfinite(m["loss"]):
+            checkpointer.wait()
+            last = checkpointer.latest_step()
+            raise NonFiniteLossError(
+                f"the loss became {m['loss']} at step {first_step + offset + 1}; stopped without "
+                f"saving from that point. The last good checkpoint is step {last} in "
+                f"{checkpointer.directory}. Lower optimizer.learning_rate, set "
+                f"optimizer.grad_clip_norm, or check the data.")
+
+
+def train(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
+    """Trains (or resumes) the model of `config`, writing everything under `workdir`."""
+    # -- Workdir and logging ----------------------------------------------------------------------
+    os.makedirs(workdir, exist_ok=True)
+    if jax.process_index() == 0:
+        workdir_files.write_config(config, workdir)
+
+    # -- Device mesh ------------------------------------------------------------------------------
+    mesh = parallel.mesh_from_config(config)
+    n_dev = mesh.devices.size
+    if config.batch_size % n_dev:
+        raise ValueError(f"batch_size {config.batch_size} must be divisible by the {n_dev} devices")
+    batch_sharding = parallel.data_sharding(mesh)
+
+    # -- Input pipeline ---------------------------------------------------------------------------
+    dataset = sources.get_dataset(config)
+    train_ds = pipeline.train_dataset(
+        dataset.train, batch_size=config.batch_size, image_size=config.image_size,
+        seed=config.seed, augment=pipeline.Augment(**config.input.augment),
+        num_workers=config.input.num_workers, num_threads=config.input.num_threads,
+        worker_threads=config.input.get("worker_threads", 0),
+        process_index=jax.process_index(), process_count=jax.process_count(),
+        sampler=config.input.get("sampler", "random"), pk_images=config.input.get("pk_images", 4))
+    data_iter = iter(train_ds)
+    _say(f"training data: {dataset.train!r}")
+    if dataset.names is not None and jax.process_index() == 0:
+        workdir_files.write_identities(dataset.names, workdir)
+
+    # -- Model, optimizer, shardings and the jitted step ------------------------------------------
+    model, tx, abstract = abstract_train_state(config, dataset.num_classes, mesh)
+    state_sharding = jax.tree.map(lambda s: s.sharding, abstract)
+    train_step = jax.jit(make_train_step(model, tx, config, mesh),
+                         in_shardings=(state_sharding, batch_sharding),
+                         out_shardings=(state_sharding, parallel.replicated(mesh)),
+                         donate_argnums=0, compiler_options=parallel.compiler_options())
+
+    # -- Resume or initialise ---------------------------------------------------------------------
+    checkpointer = Checkpointer(workdir, keep=config.keep_checkpoints)
+    if checkpointer.latest_step() is not None:
+        state, data_state, start = checkpointer.restore(abstract)
+        data_iter.set_state(data_state)
+        _say(f"resumed from step {start} in {checkpointer.directory}")
+    else:
+        objective = Objective.from_config(config)
+        init = jax.jit(lambda rng: init_state(model, tx, config.image_size, rng, objective),
+                       out_shardings=state_sharding)
+        state, start = init(jax.random.key(config.seed)), 0
+    num_params = sum(x.size for x in jax.tree.leaves(state.params))
+    _say(f"{config.model.name}: {num_params:,} parameters, {dataset.num_classes} classes, "
+         f"loss {config.loss.name}, {n_dev} device(s), {jax.process_count()} process(es)")
+
+    # -- The loop ---------------------------------------------------------------------------------
+    logger = _Logger(workdir, start)
+    last_record: dict[str, float] = {}
+    pending: list[dict] = []  # metrics of steps since the last log, still on device
+    interval_start, interval_first = time.perf_counter(), start
+    bar = tqdm(total=config.total_steps, initial=start, desc="train", unit="step",
+               disable=jax.process_index() != 0, dynamic_ncols=True)
+    try:
+        for step in range(start, config.total_steps):
+            batch = pipeline.to_global(next(data_iter), batch_sharding)
+            if step == start and jax.process_count() > 1:
+                # Compile before the first collective, then meet: processes that finish compiling
+                # far apart would otherwise time out setting up the gloo communicators.
+                train_step = train_step.lower(state, batch).compile()
+                parallel.barrier(f"jfacerec-train-step-compiled-{start}")
+            state, metrics = train_step(state, batch)
+            pending.append(metrics)
+            done = step + 1
+            last = done == config.total_steps
+            if done % config.log_every_steps == 0 or last:
+                fetched = jax.device_get(pending)
+                _check_finite(fetched, interval_first, checkpointer)
+                elapsed = time.perf_counter() - interval_start
+                record = {"step": done, **{k: float(np.mean([m[k] for m in fetched]))
+                                           for k in fetched[0]}}
+                record["learning_rate"] = float(fetched[-1]["learning_rate"])
+                record["images_per_second"] = len(fetched) * config.batch_size / elapsed
+                logger.write(record)
+                last_record = record
+                bar.set_postfix(loss=f"{record['loss']:.3f}", acc=f"{record['accuracy']:.2f}",
+                                img_s=f"{record['images_per_second']:.0f}")
+                pending, interval_start, interval_first = [], time.perf_counter(), done
+            if done % config.checkpoint_every_steps == 0 or last:
+                _check_finite(jax.device_get(pending), interval_first, checkpointer)
+                checkpointer.save(done, state, data_iter.get_state())
+            bar.update(1)
+    finally:
+        bar.close()
+        checkpointer.wait()
+        checkpointer.close()
+        logger.close()
+        if hasattr(data_iter, "close"):
+            data_iter.close()
+    if last_record:
+        _say(f"step {last_record['step']}: loss {last_record['loss']:.4f}, batch accuracy "
+             f"{last_record['accuracy']:.3f}, {last_record['images_per_second']:.0f} images/s; "
+             f"checkpoints in {checkpointer.directory}")
+    return state
