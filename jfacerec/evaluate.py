@@ -10,25 +10,24 @@ Writes DIR/eval/metrics.json, roc.png and scores.png, and prints a table.
 
 from __future__ import annotations
 
-from absl import app, flags, logging
+from absl import flags
 
-from jfacerec.core import parallel
+from jfacerec.core import cli, parallel
 from jfacerec.core import workdir as workdir_files
-from jfacerec.core.cli import config_and_workdir_flags, config_from_flags, exit_on_user_error
 from jfacerec.evaluation.evaluator import evaluate, format_table
 
 
 def main(argv):
     del argv
     parallel.maybe_initialize_distributed()
-    logging.set_verbosity(logging.WARNING)
-    with exit_on_user_error():
-        results = evaluate(config_from_flags(), flags.FLAGS.workdir)
+    workdir = flags.FLAGS.workdir
+    with cli.exit_on_user_error(output=workdir):
+        results = evaluate(cli.config_from_flags(), workdir)
     print(format_table(results))
-    print(f"wrote {workdir_files.path(flags.FLAGS.workdir, workdir_files.EVAL_METRICS)}")
+    print(f"wrote {workdir_files.path(workdir, workdir_files.EVAL_METRICS)}")
 
 
 if __name__ == "__main__":
-    config_and_workdir_flags("Config file the model was trained with.",
-                             "Training workdir holding checkpoints/.")
-    app.run(main)
+    cli.config_and_workdir_flags("Config file the model was trained with.",
+                                 "Training workdir holding checkpoints/.")
+    cli.run(main)

@@ -18,9 +18,9 @@ from __future__ import annotations
 import os
 
 import numpy as np
-from absl import app, flags, logging
+from absl import app, flags
 
-from jfacerec.core.cli import exit_on_user_error, strict_flag
+from jfacerec.core import cli
 from jfacerec.data.folders import scan_identity_folders
 from jfacerec.inference.gallery import KEEP, UNKNOWN, Gallery, enroll, query_files
 from jfacerec.inference.gallery import write_matches
@@ -60,13 +60,12 @@ def _identify_main(f) -> None:
 def main(argv):
     if len(argv) != 2 or argv[1] not in ("enroll", "identify"):
         raise app.UsageError("usage: python -m jfacerec.gallery enroll|identify [flags]")
-    logging.set_verbosity(logging.WARNING)
     f = flags.FLAGS
     required = (["workdir", "images", "out"] if argv[1] == "enroll"
                 else ["gallery", "images", "out"])
     if missing := [name for name in required if not getattr(f, name)]:
         raise app.UsageError(f"{argv[1]} needs --{', --'.join(missing)}")
-    with exit_on_user_error():
+    with cli.exit_on_user_error(output=f.out):
         (_enroll_main if argv[1] == "enroll" else _identify_main)(f)
 
 
@@ -80,5 +79,5 @@ if __name__ == "__main__":
     flags.DEFINE_float("threshold", None, "Cosine below which a query is unknown (enroll: stored "
                        "in the gallery; identify: overrides it).")
     flags.DEFINE_integer("top-k", 1, "identify: candidates written per query.")
-    strict_flag()
-    app.run(main)
+    cli.strict_flag()
+    cli.run(main)

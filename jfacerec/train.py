@@ -5,23 +5,23 @@ Trains, or resumes from the newest checkpoint in DIR.
 
 from __future__ import annotations
 
+from absl import flags
 
-from absl import app, flags, logging
-
-from jfacerec.core import parallel
-from jfacerec.core.cli import config_and_workdir_flags, config_from_flags, exit_on_user_error
+from jfacerec.core import cli
 
 
 def main(argv):
     del argv
+    config, workdir = cli.config_from_flags(), flags.FLAGS.workdir
+    # JAX is imported only now, so that --help and a bad command line or config answer at once.
+    from jfacerec.core import parallel
+
     parallel.maybe_initialize_distributed()
     from jfacerec.training import NonFiniteLossError, train  # after distributed init
-    logging.set_verbosity(logging.WARNING)
-    with exit_on_user_error(NonFiniteLossError):
-        train(config_from_flags(), flags.FLAGS.workdir)
+    with cli.exit_on_user_error(NonFiniteLossError, output=workdir):
+        train(config, workdir)
 
 
 if __name__ == "__main__":
-    config_and_workdir_flags("Training config file.",
-                             "Where checkpoints and logs go.")
-    app.run(main)
+    cli.config_and_workdir_flags("Training config file.", "Where checkpoints and logs go.")
+    cli.run(main)

@@ -4,24 +4,39 @@ from __future__ import annotations
 
 import contextlib
 import os
-import tempfile
+import secrets
+import stat
 from typing import IO, Iterator
+
+
+def _create_beside(path: str) -> str:
+    """A new empty hidden file in `path`'s folder, with the permissions a plain open() gives
+    (0666 less the umask, which the kernel applies; tempfile.mkstemp would make it 0600, and every
+    CSV and gallery written private)."""
+    directory, name = os.path.split(os.path.abspath(path))
+    tmp = os.path.join(directory, f".{name}.{secrets.token_hex(8)}.tmp")
+    os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+    return tmp
 
 
 @contextlib.contextmanager
 def atomic_open(path: str, mode: str = "w", **kwargs) -> Iterator[IO]:
     """Opens a temporary file beside `path`; on success it is flushed to disk and renamed over
-    `path`; on an exception it is removed and `path` is untouched."""
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
+    `path`, keeping `path`'s permissions; on an exception it is removed and `path` is untouched.
+    An OSError without a file name (a full disk while writing) gets `path` as its file name."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = _create_beside(path)
     try:
-        with os.fdopen(fd, mode, **kwargs) as f:
+        if os.path.exists(path):  # a replaced file keeps its permissions
+            os.chmod(tmp, stat.S_IMODE(os.stat(path).st_mode))
+        with open(tmp, mode, **kwargs) as f:
             yield f
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         with contextlib.suppress(FileNotFoundError):
             os.remove(tmp)
+        if isinstance(e, OSError) and e.filename is None:
+            e.filename = path
         raise

@@ -61,7 +61,8 @@ def _open_rgb(data: bytes | str | os.PathLike, *, name: str | None = None,
             return _to_rgb(ImageOps.exif_transpose(image))
     except FileNotFoundError:
         raise
-    except (OSError, ValueError, SyntaxError, Image.DecompressionBombWarning) as e:
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombWarning,
+            Image.DecompressionBombError) as e:
         raise ImageDecodeError(name, f"{type(e).__name__}: {e}") from None
 
 
@@ -129,13 +130,16 @@ def load_face(data: bytes | str | os.PathLike, *, crop_fraction: float = 1.0,
 
 def as_rgb_array(image) -> np.ndarray:
     """A path, PIL image or array (grey [h, w], [h, w, 1|3|4], uint8 or float in [0, 1]) ->
-    uint8 [h, w, 3]."""
+    uint8 [h, w, 3]. An image without pixels, or with NaN or infinite ones, is a ValueError: it
+    would otherwise become a blank face with a perfectly good-looking embedding."""
     if isinstance(image, (str, os.PathLike)):
         return decode(image)
     if isinstance(image, Image.Image):
-        return np.asarray(_to_rgb(ImageOps.exif_transpose(image)))
-    array = np.asarray(image)
+        return _nonempty(np.asarray(_to_rgb(ImageOps.exif_transpose(image))))
+    array = _nonempty(np.asarray(image))
     if array.dtype != np.uint8:
+        if not np.isfinite(array).all():
+            raise ValueError("the image array holds NaN or infinite values")
         if array.min() < 0.0 or array.max() > 1.0:
             raise ValueError("float image arrays must hold values in [0, 1]; pass uint8 for 0..255")
         array = np.round(array * 255.0).astype(np.uint8)
@@ -146,3 +150,9 @@ def as_rgb_array(image) -> np.ndarray:
                          f"got shape {array.shape}")
     return np.asarray(_to_rgb(Image.fromarray(array.squeeze(-1) if array.shape[-1] == 1
                                               else array)))
+
+
+def _nonempty(array: np.ndarray) -> np.ndarray:
+    if array.size == 0:
+        raise ValueError(f"the image has no pixels (shape {array.shape})")
+    return array

@@ -25,7 +25,7 @@ from absl import app, flags
 from PIL import Image
 from tqdm.auto import tqdm
 
-from jfacerec.core.cli import exit_on_user_error
+from jfacerec.core import cli
 from jfacerec.data.folders import scan_identity_folders
 from jfacerec.data.images import load_face
 
@@ -124,7 +124,7 @@ def main(argv):
         raise app.UsageError("usage: python -m jfacerec.data.pack SRC DST [options]")
     f = flags.FLAGS
     start = time.time()
-    with exit_on_user_error():
+    with cli.exit_on_user_error(output=argv[2]):
         index = pack(argv[1], argv[2], shards=f.shards, size=f.size, crop=f.crop,
                      quality=f.quality, strict=f.strict)
     skipped = f", skipped {len(index['skipped'])} unreadable files" if index["skipped"] else ""
@@ -138,5 +138,5 @@ if __name__ == "__main__":
                          "(smaller and faster to read); default stores the original files.")
     flags.DEFINE_float("crop", 1.0, "With --size: the central fraction of each side to keep.")
     flags.DEFINE_integer("quality", 95, "With --size: JPEG quality.")
-    flags.DEFINE_bool("strict", False, "Stop at the first unreadable file instead of skipping it.")
-    app.run(main)
+    cli.strict_flag()
+    cli.run(main)

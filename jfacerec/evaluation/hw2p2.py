@@ -70,10 +70,28 @@ def calibrate(scores: np.ndarray, best: np.ndarray, ids: list[str],
                                            [code(truth[i]) for i in ids])
 
 
+def check_layout(layout: Hw2p2Layout, split: str) -> None:
+    """Raises FileNotFoundError naming what `predict` needs and `layout.root` lacks, before a
+    model is loaded: classification/test/ (for classification.csv) or verification/known/ (for
+    verification.csv, which then needs unknown_dev/, dev_identities.csv and unknown_<split>/)."""
+    where = f"{layout.root} is not the HW2P2 layout"
+    if not os.path.isdir(layout.root):
+        raise FileNotFoundError(f"{layout.root}: no such folder; --data is the HW2P2 root")
+    if not os.path.isdir(layout.test) and not os.path.isdir(layout.known):
+        raise FileNotFoundError(f"{where}: it has neither classification/test/ nor "
+                                f"verification/known/; --data is the folder holding both")
+    needed = [layout.unknown("dev"), layout.dev_identities, layout.unknown(split)]
+    if os.path.isdir(layout.known) and (missing := [os.path.relpath(p, layout.root) for p in needed
+                                                    if not os.path.exists(p)]):
+        raise FileNotFoundError(f"{where}: verification/known/ is there but not "
+                                f"{', '.join(missing)}, which verification.csv needs")
+
+
 def predict(workdir: str, data: str, out: str, *, split: str = "test",
             strict: bool = False) -> dict[str, float]:
     """Writes the submission CSVs under `out`; returns the dev figures."""
     layout = Hw2p2Layout(data)
+    check_layout(layout, split)
     recognizer = load(workdir)
     report: dict[str, float] = {"step": recognizer.step, "flip_averaged": recognizer.flip}
     os.makedirs(out, exist_ok=True)

@@ -19,14 +19,14 @@ import os
 import time
 
 import numpy as np
-from absl import app, flags, logging
+from absl import app, flags
 
 from jfacerec import metrics
 from jfacerec.data.pairs import LfwPair, read_lfw_pairs
 from jfacerec.evaluation import plots, protocols
 from jfacerec.inference.recognizer import load
 from jfacerec.core.atomic import atomic_open
-from jfacerec.core.cli import config_and_workdir_flags, config_from_flags, exit_on_user_error
+from jfacerec.core import cli
 
 
 def score_pairs(workdir: str, pairs: list[LfwPair], root: str) -> np.ndarray:
@@ -105,16 +105,17 @@ def main(argv):
     from jfacerec.core import parallel
 
     parallel.maybe_initialize_distributed()
-    logging.set_verbosity(logging.WARNING)
     f = flags.FLAGS
-    config = config_from_flags()
+    config = cli.config_from_flags()
     with config.unlocked():
         if f.data:
             config.dataset.root = f.data
         if f.pairs:
             config.dataset.pairs = f.pairs
+    if f.folds and not all(x.strip().isdigit() for x in f.folds.split(",")):
+        raise app.UsageError(f"--folds {f.folds}: give fold numbers separated by commas (0,3)")
     folds = [int(x) for x in f.folds.split(",")] if f.folds else None
-    with exit_on_user_error():
+    with cli.exit_on_user_error(output=f.workdir):
         results = run(config, f.workdir, folds)
     for fold in results["per_fold"]:
         print(f"fold {fold['fold']}: accuracy {fold['accuracy']:.4f} (threshold "
@@ -127,10 +128,10 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    config_and_workdir_flags("LFW training config (configs/lfw.py).",
-                             "Where each fold's model and the results go.")
+    cli.config_and_workdir_flags("LFW training config (configs/lfw.py).",
+                                 "Where each fold's model and the results go.")
     flags.DEFINE_string("data", None, "LFW image folder (<name>/<name>_NNNN.jpg); default: the "
                         "config's dataset.root.")
     flags.DEFINE_string("pairs", None, "Pairs file (View 1 or View 2); default: the config's.")
     flags.DEFINE_string("folds", None, "Comma-separated folds to run (default: all).")
-    app.run(main)
+    cli.run(main)

@@ -18,13 +18,13 @@ import json
 import os
 
 import numpy as np
-from absl import app, flags, logging
+from absl import flags
 
 from jfacerec import metrics
 from jfacerec.evaluation import protocols
 from jfacerec.inference.recognizer import load
 from jfacerec.core.atomic import atomic_open
-from jfacerec.core.cli import config_and_workdir_flags, config_from_flags, exit_on_user_error
+from jfacerec.core import cli
 from jfacerec.data import sources
 from jfacerec.data.records import ImageFileSource
 from jfacerec.inference.gallery import enroll
@@ -117,10 +117,9 @@ def run(config, workdir: str, splits: int) -> dict:
 
 def main(argv):
     del argv
-    logging.set_verbosity(logging.WARNING)
     f = flags.FLAGS
-    with exit_on_user_error():
-        results = run(config_from_flags(), f.workdir, f.splits)
+    with cli.exit_on_user_error(output=f.workdir):
+        results = run(cli.config_from_flags(), f.workdir, f.splits)
     for method in ("cnn", "eigenfaces"):
         r = results[method]
         print(f"{method:<11} closed set {r['closed_set_mean']:.4f} +- {r['closed_set_std']:.4f}   "
@@ -130,6 +129,7 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    config_and_workdir_flags("ORL config (configs/orl.py).", "Where the models and results go.")
+    cli.config_and_workdir_flags("ORL config (configs/orl.py).",
+                                 "Where the models and results go.")
     flags.DEFINE_integer("splits", 10, "Number of random splits.")
-    app.run(main)
+    cli.run(main)

@@ -11,6 +11,7 @@ import csv
 import dataclasses
 import io
 import os
+import zipfile
 from typing import Protocol, Sequence
 
 import ml_collections
@@ -86,26 +87,26 @@ class Gallery:
 
     @classmethod
     def load(cls, path: str) -> Gallery:
-        """Reads and validates a gallery file (version, keys, shapes)."""
-        if not os.path.isfile(path):
-            raise FileNotFoundError(f"{path}: no such gallery file; make one with "
-                                    f"python -m jfacerec.gallery enroll")
-        try:
-            with np.load(path, allow_pickle=False) as z:
-                data = {k: z[k] for k in z.files}
-        except (ValueError, OSError) as e:
-            raise ValueError(f"{path}: not a gallery file ({e})") from None
+        """Reads and validates a gallery file (keys, version, shapes, values): a file that is
+        not one `save` wrote whole is a ValueError saying to enroll again, never garbage
+        matches."""
+        data = _read_npz(path)
         required = {"format_version", "names", "embeddings", "dim", "fingerprint", "model", "keep"}
         if missing := required - set(data):
-            raise ValueError(f"{path}: not a gallery file (missing {sorted(missing)})")
-        if int(data["format_version"]) != FORMAT_VERSION:
-            raise ValueError(f"{path} has gallery format version {int(data['format_version'])}; "
+            raise ValueError(f"{path}: not a gallery file (missing {sorted(missing)}); make one "
+                             f"with python -m jfacerec.gallery enroll")
+        if (version := _integer(data, "format_version", path)) != FORMAT_VERSION:
+            raise ValueError(f"{path} has gallery format version {version}; "
                              f"this jfacerec reads version {FORMAT_VERSION}: enroll again")
-        names, embeddings = data["names"], data["embeddings"]
-        if (embeddings.ndim != 2 or embeddings.shape[1] != int(data["dim"])
-                or names.shape != (embeddings.shape[0],)):
+        names, embeddings, dim = data["names"], data["embeddings"], _integer(data, "dim", path)
+        if embeddings.ndim != 2 or embeddings.shape[1] != dim or names.shape != (len(embeddings),):
             raise ValueError(f"{path}: inconsistent shapes (names {names.shape}, embeddings "
-                             f"{embeddings.shape}, dim {int(data['dim'])})")
+                             f"{embeddings.shape}, dim {dim}); enroll again")
+        if not len(names):
+            raise ValueError(f"{path}: the gallery is empty (no enrolled identity); enroll again")
+        if not np.issubdtype(embeddings.dtype, np.floating) or not np.isfinite(embeddings).all():
+            raise ValueError(f"{path}: the gallery's embeddings are not all finite numbers (NaN "
+                             f"or infinite); enroll again")
         threshold = float(data["threshold"]) if "threshold" in data else float("nan")
         return cls(names=names.astype(str), embeddings=embeddings.astype(np.float32),
                    fingerprint=str(data["fingerprint"]), model=str(data["model"]),
@@ -146,6 +147,31 @@ class Gallery:
             name, score = best[0]
             matches.append(Match(name if score >= threshold else UNKNOWN, score, tuple(best)))
         return matches
+
+
+def _read_npz(path: str) -> dict[str, np.ndarray]:
+    """Every array of a .npz file, read without pickle."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path}: no such gallery file; make one with "
+                                f"python -m jfacerec.gallery enroll")
+    not_a_gallery = (f"{path}: not a gallery file, or a truncated one (not a whole .npz archive); "
+                     f"enroll again with python -m jfacerec.gallery enroll")
+    if not zipfile.is_zipfile(path):
+        raise ValueError(not_a_gallery)
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            return {k: z[k] for k in z.files}
+    except (ValueError, OSError, EOFError, zipfile.BadZipFile) as e:
+        # numpy's own message would suggest allow_pickle=True, which a gallery never needs.
+        raise ValueError(not_a_gallery) from e
+
+
+def _integer(data: dict[str, np.ndarray], key: str, path: str) -> int:
+    value = data[key]
+    if value.shape != () or not np.issubdtype(value.dtype, np.integer):
+        raise ValueError(f"{path}: not a gallery file ({key} is a {value.dtype} array of shape "
+                         f"{value.shape}, not an integer); enroll again")
+    return int(value)
 
 
 def enroll(recognizer: Embedder, files: ImageFiles, *, keep: str = "mean",

@@ -106,7 +106,18 @@ class FaceRecognizer:
 
     def _run_images(self, fn, images: Sequence[ImageLike], desc: str) -> np.ndarray:
         """fn over in-memory images (or a mix with paths), preprocessed one by one."""
-        return self._run(fn, ArraySource(np.stack([self.preprocess(x) for x in images])), desc)
+        return self._run(fn, ArraySource(np.stack(self._preprocess_all(images))), desc)
+
+    def _preprocess_all(self, images: Sequence[ImageLike]) -> list[np.ndarray]:
+        """`preprocess` of each image; a ValueError names the position of the image it is about,
+        which an array's error cannot do by itself."""
+        faces = []
+        for i, image in enumerate(images):
+            try:
+                faces.append(self.preprocess(image))
+            except ValueError as e:
+                raise ValueError(f"image {i} of {len(images)}: {e}") from e
+        return faces
 
     def _run_files(self, fn, paths: Sequence[str], desc: str) -> np.ndarray:
         """fn over image files, decoded in parallel by the input pipeline."""

@@ -1,4 +1,4 @@
-"""python -m jfacerec.models.summary --model NAME [--image-size S] [--config configs/X.py]
+"""python -m jfacerec.models.summary --model NAME [--image-size S] [--config configs/X.py[:ARG]]
 
 Prints one row per stage of the backbone (output shape, parameters, FLOPs from XLA's cost
 analysis) and the totals of one forward pass on one image. `--all` prints a markdown table of every
@@ -16,6 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
 
+from jfacerec.core import cli
 from jfacerec.models import FaceModel, get_model, registered_models
 
 # Native input sizes: face backbones take 112x112 crops, ImageNet-style ones 224x224.
@@ -67,18 +68,14 @@ def zoo_table(embedding_dim: int) -> str:
     return "\n".join(rows)
 
 
-def main(argv):
-    del argv
-    f = flags.FLAGS
-    if f.all:
-        print(zoo_table(f.embedding_dim))
-        return
+def _summarise(f: flags.FlagValues) -> None:
     name, size, kwargs = f.model, f.image_size, {"embedding_dim": f.embedding_dim}
     if f.config:
-        spec = importlib.util.spec_from_file_location("config", f.config)
+        path, _, arg = f.config.partition(":")  # configs/X.py[:ARG], as --config takes it
+        spec = importlib.util.spec_from_file_location("config", path)
         module = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(module)
-        c = module.get_config()
+        c = module.get_config(*([arg] if arg else []))
         name, size = name or c.model.name, size or c.image_size
         kwargs = dict(embedding_dim=c.model.embedding_dim, norm=c.model.norm,
                       width_multiplier=c.model.width_multiplier)
@@ -92,6 +89,16 @@ def main(argv):
           f"{t['flops'] / 1e9:.3f} GFLOPs ({t['flops'] / 2e9:.3f} G multiply-adds) per image")
 
 
+def main(argv):
+    del argv
+    f = flags.FLAGS
+    with cli.exit_on_user_error():
+        if f.all:
+            print(zoo_table(f.embedding_dim))
+        else:
+            _summarise(f)
+
+
 if __name__ == "__main__":
     define_flags()
-    app.run(main)
+    cli.run(main)
