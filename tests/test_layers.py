@@ -1,4 +1,8 @@
-"""layers.conv_general_dilated and layers.Norm against the JAX / flax operations they replace."""
+"""layers.conv_general_dilated and layers.Norm against the JAX / flax operations they replace,
+and the backbones' variable trees against a stored fixture."""
+
+import json
+import pathlib
 
 import chex
 import flax.linen as nn
@@ -7,6 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from jfacerec.models import get_model
 from jfacerec.models.layers import Norm, conv2d, conv_general_dilated
 
 # (input [b, h, w, c], kernel [kh, kw, c / groups, out], strides, padding, groups): the cases
@@ -144,3 +149,62 @@ def test_norm_equals_flax_outputs_gradients_and_statistics(kind, reference):
         v_eval = {**v_ours, **stats}
         one = ours.apply(v_eval, x[:1], train=False)
         np.testing.assert_allclose(one, ours.apply(v_eval, x, train=False)[:1], rtol=1e-6)
+
+
+# The variable trees' paths and shapes, and one forward checksum, as they were when layers.py was
+# split into layers, norms and xla_cpu: flax names variables after module classes and attributes,
+# so a renamed or moved module would break every saved checkpoint. Regenerate (JAX_PLATFORMS=cpu
+# python tests/test_layers.py, as the tests run on CPU) only for a change meant to alter them.
+FIXTURE = pathlib.Path(__file__).parent / "fixtures" / "param_trees.json"
+# name -> (get_model name, its options, image size).
+TREE_MODELS = {
+    "resnet_tiny_batch": ("resnet_tiny", dict(norm="batch", width_multiplier=0.25), 32),
+    "resnet_tiny_group": ("resnet_tiny", dict(norm="group", width_multiplier=0.25), 32),
+    "mobilefacenet": ("mobilefacenet", dict(width_multiplier=1 / 16), 112),
+    "iresnet18": ("iresnet18", dict(width_multiplier=1 / 16), 112),
+}
+CHECKSUM_MODEL = "resnet_tiny_group"
+
+
+def _model_and_images(name: str) -> tuple[nn.Module, np.ndarray]:
+    """TREE_MODELS[name] built, and a fixed image batch [2, size, size, 3] for it."""
+    model_name, options, size = TREE_MODELS[name]
+    model = get_model(model_name, num_classes=10, embedding_dim=16, **options)
+    images = np.random.default_rng(0).standard_normal((2, size, size, 3)).astype(np.float32)
+    return model, images
+
+
+def _variable_tree(name: str) -> dict[str, list[int]]:
+    """Every variable's path (jax keystr) -> its shape, for the model initialised with key 0."""
+    model, images = _model_and_images(name)
+    variables = jax.eval_shape(lambda: model.init(jax.random.key(0), images))
+    leaves = jax.tree_util.tree_flatten_with_path(variables)[0]
+    return {jax.tree_util.keystr(path): list(leaf.shape) for path, leaf in leaves}
+
+
+def _embedding_checksum(name: str) -> float:
+    """Sum (in float64) of the embeddings [2, 16] of the fixed images, at eval."""
+    model, images = _model_and_images(name)
+    variables = model.init(jax.random.key(0), images)
+    embeddings = model.apply(variables, images, return_feats=True)
+    return float(np.sum(np.asarray(embeddings, np.float64)))
+
+
+def _fixture() -> dict:
+    return {"trees": {name: _variable_tree(name) for name in TREE_MODELS},
+            "checksum": {CHECKSUM_MODEL: _embedding_checksum(CHECKSUM_MODEL)}}
+
+
+@pytest.mark.parametrize("name", sorted(TREE_MODELS))
+def test_variable_trees_equal_the_fixture(name):
+    assert _variable_tree(name) == json.loads(FIXTURE.read_text())["trees"][name]
+
+
+def test_forward_checksum_equals_the_fixture():
+    expected = json.loads(FIXTURE.read_text())["checksum"][CHECKSUM_MODEL]
+    np.testing.assert_allclose(_embedding_checksum(CHECKSUM_MODEL), expected, rtol=1e-5)
+
+
+if __name__ == "__main__":
+    FIXTURE.parent.mkdir(exist_ok=True)
+    FIXTURE.write_text(json.dumps(_fixture(), indent=1, sort_keys=True) + "\n")
