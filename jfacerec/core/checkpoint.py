@@ -1,21 +1,68 @@
-"""Orbax checkpoints: the train state and the data iterator's position, saved together.
+"""Orbax checkpoints: the train state and the data iterator's position, saved together, with a
+manifest of checksums so that a damaged checkpoint is found before it is used.
 
-Layout: `WORKDIR/checkpoints/<step>/{state,data,meta}`. `state` is the train-state pytree (no
-pickle), `data` the grain iterator state (JSON) and `meta` a small JSON record of the format version
-and the shapes of the parameters, checked on restore.
+Layout: `WORKDIR/checkpoints/<step>/{state,data,meta,sha256.json}`. `state` is the train-state
+pytree (no pickle), `data` the grain iterator state (JSON), `meta` a small JSON record of the
+format version and the shapes of the parameters, checked on restore, and `sha256.json` the size
+and sha256 of every other file of the step.
+
+Integrity. Orbax saves asynchronously and renames a step's directory into place once every file is
+written. When a save has finished (at the next save, `wait` or `close`), process 0 records the
+step's manifest, atomically; only then are the steps beyond the newest `keep` deleted, so rotation
+never removes the last intact checkpoint for one still being written. Restoring checks the step's
+files against its manifest first. A step whose files went missing, changed size or changed
+content, or that orbax cannot read, is damaged: it is skipped with a DamagedCheckpointWarning for
+the newest intact step, and when none is intact a one-line DamagedCheckpointError names what is
+damaged. A step without a manifest (written by jfacerec 0.1, or finished by a run killed before
+recording it) is tried unverified: orbax failing to read it, or NaN in its arrays, is damage too.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
-from typing import Any
+import warnings
+from typing import Any, Callable, TypeVar
 
 import jax
+import jax.numpy as jnp
 import orbax.checkpoint as ocp
 
+from jfacerec.core import parallel
 from jfacerec.core import workdir as workdir_files
+from jfacerec.core.atomic import atomic_open
 
 FORMAT_VERSION = 1
+MANIFEST = "sha256.json"
+_SET_ASIDE = ".damaged"  # suffix of the directories of damaged steps moved out of orbax's sight
+
+T = TypeVar("T")
+
+
+class DamagedCheckpointError(ValueError):
+    """A checkpoint's files are not those that were saved, or cannot be read (a ValueError: the
+    commands report it as `error: ...`). `what` says what is damaged, in a few words."""
+
+    def __init__(self, message: str, what: str):
+        super().__init__(message)
+        self.what = what
+
+
+class DamagedCheckpointWarning(UserWarning):
+    """A damaged checkpoint was skipped for an older one."""
+
+
+def all_finite(tree: Any) -> jax.Array:
+    """bool scalar: no floating-point leaf of `tree` holds NaN or inf (integer leaves are skipped).
+
+    One reduction per leaf, which XLA fuses under jit: cheap next to a train step.
+    """
+    leaves = [x for x in jax.tree.leaves(tree) if jnp.issubdtype(x.dtype, jnp.inexact)]
+    return jnp.all(jnp.stack([jnp.isfinite(x).all() for x in leaves])) if leaves else jnp.True_
+
+
+_all_finite = jax.jit(all_finite)
 
 
 def _shapes(tree: Any) -> dict[str, list[int]]:
@@ -23,82 +70,264 @@ def _shapes(tree: Any) -> dict[str, list[int]]:
     return {jax.tree_util.keystr(path): list(leaf.shape) for path, leaf in flat}
 
 
+def _sha256(path: str) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _files(step_dir: str) -> list[str]:
+    """Every file under `step_dir` but the manifest, relative to it, sorted."""
+    found = [os.path.relpath(os.path.join(root, name), step_dir)
+             for root, _, names in os.walk(step_dir) for name in names]
+    return sorted(f for f in found if f != MANIFEST)
+
+
+def write_manifest(step_dir: str) -> None:
+    """Records {file: {bytes, sha256}} of a finished step in `step_dir`/sha256.json, atomically:
+    a step has the whole manifest or none."""
+    files = {}
+    for name in _files(step_dir):
+        path = os.path.join(step_dir, name)
+        files[name] = {"bytes": os.path.getsize(path), "sha256": _sha256(path)}
+    with atomic_open(os.path.join(step_dir, MANIFEST)) as f:
+        json.dump({"files": files}, f, indent=1, sort_keys=True)
+
+
+def find_damage(step_dir: str) -> str | None:
+    """What differs between a step's files and its manifest, in a few words naming the file; None
+    when nothing does, or when the step has no manifest (see `has_manifest`)."""
+    manifest = os.path.join(step_dir, MANIFEST)
+    if not os.path.isfile(manifest):
+        return None
+    try:
+        with open(manifest) as f:
+            recorded = json.load(f)["files"]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        return f"{MANIFEST} is unreadable ({type(e).__name__}: {e})"
+    for name, saved in sorted(recorded.items()):
+        path = os.path.join(step_dir, name)
+        if not os.path.isfile(path):
+            return f"{name} is missing"
+        size = os.path.getsize(path)
+        if size != saved["bytes"]:
+            return f"{name} has {size} bytes, {saved['bytes']} were saved"
+        if _sha256(path) != saved["sha256"]:
+            return f"{name} changed after it was saved (sha256 differs)"
+    return None
+
+
+def has_manifest(step_dir: str) -> bool:
+    return os.path.isfile(os.path.join(step_dir, MANIFEST))
+
+
+def _one_line(e: BaseException) -> str:
+    """An exception as `Type: first line of its message` (orbax and TensorStore write pages)."""
+    lines = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {lines[0][:200]}" if lines else type(e).__name__
+
+
 class Checkpointer:
-    """Saves every `every_steps` (asynchronously) and keeps the newest `keep`."""
+    """Saves train states asynchronously, records each finished one in its manifest and keeps the
+    newest `keep`; restores a given step, or the newest intact one."""
 
     def __init__(self, workdir: str, *, keep: int = 3, async_save: bool = True):
+        if keep < 1:
+            raise ValueError(f"keep_checkpoints is {keep}: keep at least 1 checkpoint")
         self.directory = os.path.abspath(workdir_files.path(workdir, workdir_files.CHECKPOINTS))
-        options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
-                                               enable_async_checkpointing=async_save)
+        self.keep = keep
+        # No max_to_keep: orbax would rotate before a new step is recorded; `_rotate` does it after.
+        options = ocp.CheckpointManagerOptions(create=True, enable_async_checkpointing=async_save)
         self.manager = ocp.CheckpointManager(self.directory, options=options,
                                              item_names=("state", "data", "meta"))
+        self._unrecorded: list[int] = []  # steps saved by this object, without a manifest yet
+
+    def step_dir(self, step: int) -> str:
+        return os.path.join(self.directory, str(step))
 
     def latest_step(self) -> int | None:
+        """The newest step on disk, intact or not."""
         return self.manager.latest_step()
 
     def save(self, step: int, state: Any, data_state: dict | None) -> None:
-        """Starts saving `state` (a pytree of arrays) and the iterator state at `step`."""
+        """Starts saving `state` (a pytree of finite arrays) and the iterator state at `step`,
+        once the previous save is finished, recorded and rotated."""
+        self._finish_saves()
         meta = {"format_version": FORMAT_VERSION, "step": step,
                 "param_shapes": _shapes(state.params)}
-        self.manager.save(step, args=ocp.args.Composite(
-            state=ocp.args.StandardSave(state),
-            data=ocp.args.JsonSave(data_state or {}),
-            meta=ocp.args.JsonSave(meta)))
+        if self.manager.save(step, args=ocp.args.Composite(
+                state=ocp.args.StandardSave(state),
+                data=ocp.args.JsonSave(data_state or {}),
+                meta=ocp.args.JsonSave(meta))):
+            self._unrecorded.append(step)
+
+    def _finish_saves(self) -> None:
+        """Waits for the started saves, records their manifests (process 0), then rotates.
+        A save that failed is no longer among orbax's steps, and is not recorded."""
+        self.manager.wait_until_finished()
+        finished = [s for s in self._unrecorded if s in self.manager.all_steps()]
+        self._unrecorded = []
+        if not finished:
+            return
+        if jax.process_index() == 0:
+            for step in finished:
+                write_manifest(self.step_dir(step))
+        self._rotate()
+
+    def _rotate(self) -> None:
+        """Deletes the steps older than the newest `keep` (the newest was just recorded intact).
+        Every process calls it on the same steps; orbax deletes on process 0."""
+        steps = sorted(self.manager.all_steps())
+        for step in steps[:max(len(steps) - self.keep, 0)]:
+            self.manager.delete(step)
+
+    def newest_verified_step(self) -> int | None:
+        """The newest step whose files match its manifest: one saved intact by this jfacerec,
+        hence finite (the loop saves no other state). None when there is none."""
+        for step in sorted(self.manager.all_steps(), reverse=True):
+            where = self.step_dir(step)
+            if has_manifest(where) and find_damage(where) is None:
+                return step
+        return None
 
     def meta(self, step: int | None = None) -> dict:
-        """The format version, step and parameter shapes saved with a checkpoint (newest by
-        default), without reading the arrays."""
-        step = self.latest_step() if step is None else step
-        if step is None:
-            raise FileNotFoundError(f"no checkpoint in {self.directory}")
-        meta = self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
-        return meta["meta"]
+        """The format version, step and parameter shapes saved with a checkpoint (the newest
+        intact by default), without reading the arrays."""
+        return self._newest_intact(lambda s: self._read(s, None, meta=ocp.args.JsonRestore()),
+                                   step)[0]["meta"]
 
     def restore(self, abstract_state: Any, step: int | None = None) -> tuple[Any, dict, int]:
-        """Restores (state, data_state, step) into the shapes and shardings of `abstract_state`.
+        """Restores (state, data_state, step) into the shapes and shardings of `abstract_state`,
+        from `step` or else the newest intact checkpoint (warning about each damaged one skipped).
 
         Raises ValueError, naming the checkpoint, when it was written by another format version
-        or for parameters of other shapes (another model or config).
+        or for parameters of other shapes (another model or config); DamagedCheckpointError when
+        `step` is damaged, or no step is intact.
         """
-        step = self._checked_step(abstract_state.params, step)
-        out = self.manager.restore(step, args=ocp.args.Composite(
-            state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore()))
+        out, step = self._newest_intact(lambda s: self._read(
+            s, abstract_state.params, state=ocp.args.StandardRestore(abstract_state),
+            data=ocp.args.JsonRestore()), step)
         return out["state"], out["data"], step
-
-    def _checked_step(self, abstract_params: Any, step: int | None) -> int:
-        """`step` (the newest by default), once its format version and parameter shapes are
-        those of `abstract_params`."""
-        step = self.latest_step() if step is None else step
-        if step is None:
-            raise FileNotFoundError(f"no checkpoint in {self.directory}")
-        where = os.path.join(self.directory, str(step))
-        meta = self.meta(step)
-        if meta.get("format_version") != FORMAT_VERSION:
-            raise ValueError(f"checkpoint {where} has format version {meta.get('format_version')}, "
-                             f"this jfacerec reads version {FORMAT_VERSION}")
-        expected = _shapes(abstract_params)
-        if meta.get("param_shapes") != expected:
-            diff = sorted(k for k in set(expected) | set(meta.get("param_shapes", {}))
-                          if expected.get(k) != meta.get("param_shapes", {}).get(k))
-            raise ValueError(
-                f"checkpoint {where} holds parameters of other shapes than this config's model "
-                f"(first differences: {diff[:3]}); use the config it was trained with, or a new "
-                f"--workdir")
-        return step
 
     def restore_variables(self, abstract: dict[str, Any],
                           step: int | None = None) -> tuple[dict[str, Any], int]:
         """Restores only `abstract`'s entries of the state ({"params", "batch_stats"}), for
-        inference: the optimizer state is neither read nor needed. Returns (variables, step)."""
-        step = self._checked_step(abstract["params"], step)
-        out = self.manager.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
-            abstract, restore_args=ocp.checkpoint_utils.construct_restore_args(abstract),
-            partial_restore=True)))
+        inference, like `restore`: the optimizer state is neither read nor needed. Returns
+        (variables, step)."""
+        out, step = self._newest_intact(lambda s: self._read(
+            s, abstract["params"], state=ocp.args.PyTreeRestore(
+                abstract, restore_args=ocp.checkpoint_utils.construct_restore_args(abstract),
+                partial_restore=True)), step)
         return {key: out["state"][key] for key in abstract}, step
 
+    def set_aside_after(self, step: int) -> list[str]:
+        """Moves the steps after `step` (the damaged ones a resume skipped) to
+        `<step>.damaged[-n]` beside them, out of orbax's sight, so that training can save those
+        steps again. Kept, not deleted: a read error may have been passing. Returns their paths."""
+        newer = [s for s in sorted(self.manager.all_steps()) if s > step]
+        if not newer:
+            return []
+        moved = [self._unused_name(f"{self.step_dir(s)}{_SET_ASIDE}") for s in newer]
+        if jax.process_index() == 0:
+            for s, target in zip(newer, moved):
+                os.rename(self.step_dir(s), target)
+        parallel.barrier(f"jfacerec-checkpoints-set-aside-after-{step}")
+        self.manager.reload()
+        return moved
+
+    @staticmethod
+    def _unused_name(path: str) -> str:
+        n, candidate = 1, path
+        while os.path.exists(candidate):
+            n, candidate = n + 1, f"{path}-{n}"
+        return candidate
+
+    def _newest_intact(self, read: Callable[[int], T], step: int | None) -> tuple[T, int]:
+        """(read(step), step) for `step`, or else for the newest step that `read` finds intact."""
+        steps = sorted(self.manager.all_steps(), reverse=True)
+        if step is not None:
+            if step not in steps:
+                raise FileNotFoundError(f"no checkpoint step {step} in {self.directory} (its "
+                                        f"steps: {sorted(steps)})")
+            try:
+                return read(step), step
+            except DamagedCheckpointError as e:  # asked for by number: no fallback
+                raise DamagedCheckpointError(f"{e}; ask for another of the steps {sorted(steps)}, "
+                                             f"or for none to get the newest intact", e.what) from e
+        if not steps:
+            raise FileNotFoundError(f"no checkpoint in {self.directory}")
+        damage = []
+        for candidate in steps:
+            try:
+                return read(candidate), candidate
+            except DamagedCheckpointError as e:
+                damage.append(f"step {candidate}: {e.what}")
+                warnings.warn(f"{e}; skipping it", DamagedCheckpointWarning)
+        what = "; ".join(damage)
+        raise DamagedCheckpointError(
+            f"no intact checkpoint in {self.directory} ({what}): restore the checkpoints from a "
+            f"copy, or train again in a new --workdir", what)
+
+    def _read(self, step: int, abstract_params: Any, **items: Any) -> dict:
+        """orbax's restore of `items` at `step`, after its files are checked against the manifest
+        and its meta against `abstract_params` (when given).
+
+        DamagedCheckpointError when the files differ from the manifest, or when orbax cannot read
+        a step without one or finds NaN in it. Orbax failing on a step whose files are intact is
+        no damage: the config does not fit it (ValueError).
+        """
+        where = self.step_dir(step)
+        damage = find_damage(where)
+        if damage is not None:
+            raise DamagedCheckpointError(f"checkpoint {where} is damaged: {damage}", damage)
+        verified = has_manifest(where)
+        if abstract_params is not None:
+            meta = self._orbax(where, verified, lambda: self.manager.restore(
+                step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())))["meta"]
+            _check_meta(where, meta, abstract_params)
+        out = self._orbax(where, verified, lambda: self.manager.restore(
+            step, args=ocp.args.Composite(**items)))
+        if not verified and "state" in out and not bool(_all_finite(out["state"])):
+            raise _unverified_damage(where, "its arrays hold NaN or inf")
+        return out
+
+    @staticmethod
+    def _orbax(where: str, verified: bool, restore: Callable[[], dict]) -> dict:
+        try:
+            return restore()
+        except Exception as e:  # TensorStore and orbax raise anything from Exception up
+            if verified:
+                raise ValueError(f"checkpoint {where} is intact but does not restore into this "
+                                 f"config's train state ({_one_line(e)}); use the config it was "
+                                 f"trained with, or a new --workdir") from e
+            raise _unverified_damage(where, f"orbax cannot read it ({_one_line(e)})") from e
+
     def wait(self) -> None:
-        """Blocks until every started save is on disk."""
-        self.manager.wait_until_finished()
+        """Blocks until every started save is on disk, recorded and rotated."""
+        self._finish_saves()
 
     def close(self) -> None:
+        self._finish_saves()
         self.manager.close()
+
+
+def _unverified_damage(where: str, what: str) -> DamagedCheckpointError:
+    return DamagedCheckpointError(
+        f"checkpoint {where} (saved without {MANIFEST}, unverified) is damaged: {what}", what)
+
+
+def _check_meta(where: str, meta: dict, abstract_params: Any) -> None:
+    """Raises ValueError unless the checkpoint's format version and parameter shapes are those
+    of `abstract_params`."""
+    if meta.get("format_version") != FORMAT_VERSION:
+        raise ValueError(f"checkpoint {where} has format version {meta.get('format_version')}, "
+                         f"this jfacerec reads version {FORMAT_VERSION}")
+    expected, saved = _shapes(abstract_params), meta.get("param_shapes", {})
+    if saved != expected:
+        diff = sorted(k for k in set(expected) | set(saved) if expected.get(k) != saved.get(k))
+        raise ValueError(
+            f"checkpoint {where} holds parameters of other shapes than this config's model "
+            f"(first differences: {diff[:3]}); use the config it was trained with, or a new "
+            f"--workdir")

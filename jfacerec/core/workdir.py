@@ -5,10 +5,12 @@
     WORKDIR/metrics.jsonl        one JSON object per logged step
     WORKDIR/training.png         training curves drawn from metrics.jsonl
     WORKDIR/tb/                  TensorBoard events
-    WORKDIR/checkpoints/<step>/  orbax checkpoints (see checkpoint.py)
+    WORKDIR/checkpoints/<step>/  orbax checkpoints and their sha256.json (see checkpoint.py)
+    WORKDIR/.lock                held by the one process training in the workdir (see lock.py)
     WORKDIR/eval/metrics.json    evaluate's flat metrics; eval/roc.png, eval/scores.png
 
 Training writes them, evaluation adds `eval/`, and the recognizer (`jfacerec.load`) reads them.
+config.json and identities.json are replaced atomically: a reader sees the old file or the new one.
 """
 
 from __future__ import annotations
@@ -19,12 +21,15 @@ from typing import Any
 
 import ml_collections
 
+from jfacerec.core.atomic import atomic_open
+
 CONFIG = "config.json"
 IDENTITIES = "identities.json"
 METRICS = "metrics.jsonl"
 TRAINING_PLOT = "training.png"
 TENSORBOARD = "tb"
 CHECKPOINTS = "checkpoints"
+LOCK = ".lock"
 EVAL = "eval"
 EVAL_METRICS = os.path.join(EVAL, "metrics.json")
 ROC_PLOT = os.path.join(EVAL, "roc.png")
@@ -37,7 +42,7 @@ def path(workdir: str, name: str) -> str:
 
 
 def write_config(config: ml_collections.ConfigDict, workdir: str) -> None:
-    with open(path(workdir, CONFIG), "w") as f:
+    with atomic_open(path(workdir, CONFIG)) as f:
         f.write(config.to_json_best_effort(indent=2, sort_keys=True) + "\n")
 
 
@@ -52,7 +57,7 @@ def read_config(workdir: str) -> ml_collections.ConfigDict:
 
 
 def write_identities(names: tuple[str, ...], workdir: str) -> None:
-    with open(path(workdir, IDENTITIES), "w") as f:
+    with atomic_open(path(workdir, IDENTITIES)) as f:
         json.dump(list(names), f)
 
 

@@ -43,8 +43,9 @@ def abstract_variables(model: FaceModel, image_size: int,
 
 def restore(config: ml_collections.ConfigDict, workdir: str, num_classes: int, *,
             step: int | None = None) -> Restored:
-    """The model of `config` with the weights of a checkpoint in `workdir` (the newest by
-    default): its parameters and BatchNorm statistics only, not the optimizer state."""
+    """The model of `config` with the weights of a checkpoint in `workdir`: `step`, or else the
+    newest intact one (a damaged checkpoint is skipped with a warning; see core/checkpoint.py).
+    Its parameters and BatchNorm statistics only, not the optimizer state."""
     mesh = parallel.mesh_from_config(config)  # a model-split head restores split
     parallel.check_class_split(num_classes, mesh)
     model = models.from_config(config, num_classes)

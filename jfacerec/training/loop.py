@@ -6,6 +6,7 @@ mesh; input pipeline; model and optimizer; shardings and the jitted step; resume
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import time
@@ -15,7 +16,7 @@ import ml_collections
 import numpy as np
 from tqdm.auto import tqdm
 
-from jfacerec.core import parallel
+from jfacerec.core import lock, parallel
 from jfacerec.core import workdir as workdir_files
 from jfacerec.core.checkpoint import Checkpointer
 from jfacerec.data import pipeline, sources
@@ -31,7 +32,8 @@ def _say(message: str) -> None:
 
 
 class NonFiniteLossError(RuntimeError):
-    """The loss became NaN or infinite; the run stopped before saving anything from that point."""
+    """The loss, the gradients or the train state became NaN or infinite; the run stopped before
+    saving anything from that point."""
 
 
 class _Logger:
@@ -68,24 +70,53 @@ class _Logger:
 
 
 def _check_finite(metrics: list[dict], first_step: int, checkpointer: Checkpointer) -> None:
+    """Raises NonFiniteLossError at the first of these steps (the first is `first_step` + 1)
+    whose `finite` flag is down, naming the newest checkpoint that is intact (every checkpoint
+    this loop saves is finite), or saying that there is none."""
     for offset, m in enumerate(metrics):
-        if not np.isfinite(m["loss"]):
+        if not m["finite"]:
             checkpointer.wait()
-            last = checkpointer.latest_step()
+            good = checkpointer.newest_verified_step()
+            if not np.isfinite(m["loss"]):
+                what = f"the loss became {m['loss']}"
+            elif not np.isfinite(m["grad_norm"]):
+                what = f"the gradient norm became {m['grad_norm']} (loss {m['loss']:.4g})"
+            else:
+                what = (f"the train state (parameters or optimizer state) became NaN or infinite "
+                        f"(loss {m['loss']:.4g})")
+            last = (f"The last good checkpoint is step {good} in {checkpointer.directory}."
+                    if good is not None else
+                    f"No good checkpoint was saved in {checkpointer.directory}.")
             raise NonFiniteLossError(
-                f"the loss became {m['loss']} at step {first_step + offset + 1}; stopped without "
-                f"saving from that point. The last good checkpoint is step {last} in "
-                f"{checkpointer.directory}. Lower optimizer.learning_rate, set "
-                f"optimizer.grad_clip_norm, or check the data.")
+                f"{what} at step {first_step + offset + 1}; stopped without saving from that "
+                f"point. {last} Lower optimizer.learning_rate, set optimizer.grad_clip_norm, or "
+                f"check the data.")
+
+
+def _record(metrics: list[dict], step: int, batch_size: int, elapsed: float) -> dict[str, float]:
+    """The metrics.jsonl record of the steps since the last one: means, the last learning rate
+    and the throughput (the `finite` flags were checked, and are not recorded)."""
+    record = {"step": step, **{k: float(np.mean([m[k] for m in metrics]))
+                               for k in metrics[0] if k != "finite"}}
+    record["learning_rate"] = float(metrics[-1]["learning_rate"])
+    record["images_per_second"] = len(metrics) * batch_size / elapsed
+    return record
 
 
 def train(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
-    """Trains (or resumes) the model of `config`, writing everything under `workdir`."""
-    # -- Workdir and logging ----------------------------------------------------------------------
-    os.makedirs(workdir, exist_ok=True)
-    if jax.process_index() == 0:
-        workdir_files.write_config(config, workdir)
+    """Trains (or resumes) the model of `config`, writing everything under `workdir`.
 
+    Process 0 holds the workdir's lock throughout: a second trainer there raises
+    WorkdirLockedError at once. A refused run (a config that does not fit the checkpoint, no
+    intact checkpoint) raises before anything in the workdir is written.
+    """
+    os.makedirs(workdir, exist_ok=True)
+    held = lock.exclusive(workdir) if jax.process_index() == 0 else contextlib.nullcontext()
+    with held:
+        return _train(config, workdir)
+
+
+def _train(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
     # -- Device mesh ------------------------------------------------------------------------------
     mesh = parallel.mesh_from_config(config)
     n_dev = mesh.devices.size
@@ -104,8 +135,6 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
         sampler=config.input.get("sampler", "random"), pk_images=config.input.get("pk_images", 4))
     data_iter = iter(train_ds)
     _say(f"training data: {dataset.train!r}")
-    if dataset.names is not None and jax.process_index() == 0:
-        workdir_files.write_identities(dataset.names, workdir)
 
     # -- Model, optimizer, shardings and the jitted step ------------------------------------------
     model, tx, abstract = abstract_train_state(config, dataset.num_classes, mesh)
@@ -115,17 +144,24 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
                          out_shardings=(state_sharding, parallel.replicated(mesh)),
                          donate_argnums=0, compiler_options=parallel.compiler_options())
 
-    # -- Resume or initialise ---------------------------------------------------------------------
+    # -- Resume or initialise, then write the workdir's files -------------------------------------
     checkpointer = Checkpointer(workdir, keep=config.keep_checkpoints)
     if checkpointer.latest_step() is not None:
+        # Refuses (raises) a checkpoint that does not fit the config before anything is written.
         state, data_state, start = checkpointer.restore(abstract)
         data_iter.set_state(data_state)
+        for moved in checkpointer.set_aside_after(start):
+            _say(f"moved the damaged checkpoint after step {start} aside to {moved}")
         _say(f"resumed from step {start} in {checkpointer.directory}")
     else:
         objective = Objective.from_config(config)
         init = jax.jit(lambda rng: init_state(model, tx, config.image_size, rng, objective),
                        out_shardings=state_sharding)
         state, start = init(jax.random.key(config.seed)), 0
+    if jax.process_index() == 0:
+        workdir_files.write_config(config, workdir)
+        if dataset.names is not None:
+            workdir_files.write_identities(dataset.names, workdir)
     num_params = sum(x.size for x in jax.tree.leaves(state.params))
     _say(f"{config.model.name}: {num_params:,} parameters, {dataset.num_classes} classes, "
          f"loss {config.loss.name}, {n_dev} device(s), {jax.process_count()} process(es)")
@@ -152,23 +188,20 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
             if done % config.log_every_steps == 0 or last:
                 fetched = jax.device_get(pending)
                 _check_finite(fetched, interval_first, checkpointer)
-                elapsed = time.perf_counter() - interval_start
-                record = {"step": done, **{k: float(np.mean([m[k] for m in fetched]))
-                                           for k in fetched[0]}}
-                record["learning_rate"] = float(fetched[-1]["learning_rate"])
-                record["images_per_second"] = len(fetched) * config.batch_size / elapsed
+                record = _record(fetched, done, config.batch_size,
+                                 time.perf_counter() - interval_start)
                 logger.write(record)
                 last_record = record
                 bar.set_postfix(loss=f"{record['loss']:.3f}", acc=f"{record['accuracy']:.2f}",
                                 img_s=f"{record['images_per_second']:.0f}")
                 pending, interval_start, interval_first = [], time.perf_counter(), done
             if done % config.checkpoint_every_steps == 0 or last:
+                # Every step since the last log; the steps before were checked when logged.
                 _check_finite(jax.device_get(pending), interval_first, checkpointer)
                 checkpointer.save(done, state, data_iter.get_state())
             bar.update(1)
     finally:
         bar.close()
-        checkpointer.wait()
         checkpointer.close()
         logger.close()
         if hasattr(data_iter, "close"):

@@ -11,6 +11,7 @@ import optax
 
 from jfacerec import losses
 from jfacerec.core import parallel
+from jfacerec.core.checkpoint import all_finite
 from jfacerec.losses import sharded_softmax
 from jfacerec.losses.objectives import Objective
 from jfacerec.models import FaceModel
@@ -31,6 +32,9 @@ def make_train_step(model: FaceModel, tx: optax.GradientTransformation,
 
     batch: `image` float32 [batch, size, size, 3], `label` int32 [batch]. `mesh` (by default the
     config's) carries the class weights' `model` split when `uses_sharded_head(config)`.
+    metrics: float32 scalars, and `finite`, a bool scalar: the loss, the gradient norm and every
+    array of the new state are finite. Weights gone NaN can still give a finite loss (about the
+    log of the class count), so the loop checks `finite`, not the loss, before it saves a state.
     """
     objective = Objective.from_config(config)
     train_centers = objective.uses_centers and objective.center_update == "param"
@@ -93,6 +97,8 @@ def make_train_step(model: FaceModel, tx: optax.GradientTransformation,
         new_state = TrainState(step=state.step + 1, params=params, batch_stats=batch_stats,
                                opt_state=opt_state, centers=centers,
                                center_opt_state=center_opt_state)
+        metrics["finite"] = (jnp.isfinite(loss) & jnp.isfinite(metrics["grad_norm"])
+                             & all_finite(new_state))
         return new_state, metrics
 
     return step
