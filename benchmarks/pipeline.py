@@ -50,7 +50,6 @@ Last line: JSON with images/s of every case, the ratios grain / torch and pipeli
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import os
 import pickle
@@ -69,11 +68,11 @@ WARMUP_BATCHES = 2  # not timed: workers start, first batches out
 TAIL_BATCHES = 4  # read after the timed ones, so that prefetching runs to the window's end
 
 
-def load_config(path: str):
-    spec = importlib.util.spec_from_file_location("config", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config()
+def load_config(spec: str):
+    """The config of "configs/NAME.py[:ARG]", as `--config` gives it."""
+    from jfacerec.core import config_base
+
+    return config_base.load(spec)
 
 
 def cpu_seconds() -> float:

@@ -12,7 +12,6 @@ jits it, plus the ratios pipeline / train step.
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import os
 import sys
@@ -25,17 +24,10 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from jfacerec import training  # noqa: E402
-from jfacerec.core import parallel  # noqa: E402
+from jfacerec.core import config_base, parallel  # noqa: E402
 from jfacerec.data import pipeline, sources  # noqa: E402
 from jfacerec.data.synthetic import render_faces  # noqa: E402
 from jfacerec.losses.objectives import Objective  # noqa: E402
-
-
-def load_config(path: str):
-    spec = importlib.util.spec_from_file_location("config", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config()
 
 
 def rate(fn, n_items: int, repeats: int = 3) -> float:
@@ -55,7 +47,7 @@ def main():
     parser.add_argument("--threads", default="",
                         help="comma-separated reading-thread counts; default: the config's")
     args = parser.parse_args()
-    config = load_config(args.config)
+    config = config_base.load(args.config)  # "configs/NAME.py[:ARG]", as --config takes it
     threads = ([int(t) for t in args.threads.split(",")] if args.threads
                else [config.input.num_threads])
     size, batch = config.image_size, config.batch_size

@@ -52,9 +52,8 @@ from common import REPO, parse_sides  # noqa: E402
 
 sys.path.insert(0, REPO)
 
-from configs import demo, zoo  # noqa: E402
 from jfacerec import models, training  # noqa: E402
-from jfacerec.core import parallel  # noqa: E402
+from jfacerec.core import config_base, parallel  # noqa: E402
 from jfacerec.models import layers  # noqa: E402
 from jfacerec.losses.objectives import Objective  # noqa: E402
 
@@ -78,7 +77,8 @@ VARIANT_BUDGET_S = 120.0
 
 def get_config(name: str, batch: int, dtype: str):
     """The backbone's config (the demo's for resnet_tiny, the zoo's for the others)."""
-    config = demo.get_config() if name == "resnet_tiny" else zoo.get_config(name)
+    spec = "demo.py" if name == "resnet_tiny" else f"zoo.py:{name}"
+    config = config_base.load(os.path.join(REPO, "configs", spec))
     config.batch_size = batch
     config.dtype = dtype
     config.num_devices = 1

@@ -2,17 +2,16 @@
 
 python -m jfacerec.train --config configs/demo_losses.py:arcface --workdir workdirs/arcface
 
-Arguments: softmax, center, triplet, sphereface, cosface, arcface, combined, joint
+Arguments: softmax, center, triplet, sphereface, cosface, arcface (the default), combined, joint
 (0.7 * softmax + 0.3 * triplet), explicit_triplet (the course's (anchor, positive, negative)
-batches). Append ",runlocal" for a seconds-long smoke test, e.g. "arcface,runlocal".
+batches); with "runlocal" for a seconds-long smoke test, e.g. "arcface,runlocal".
 """
 
-import os
-import sys
+import ml_collections
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from jfacerec.core import config_base
 
-from demo import get_config as demo_config  # noqa: E402
+demo = config_base.sibling(__file__, "demo")
 
 OBJECTIVES = {
     "softmax": dict(name="softmax"),
@@ -27,14 +26,13 @@ OBJECTIVES = {
 }
 
 
-def get_config(arg: str = "arcface"):
-    name, _, size = (arg or "arcface").partition(",")
-    if name not in OBJECTIVES:
-        raise ValueError(f"unknown objective {name!r}; choose one of {sorted(OBJECTIVES)}")
-    c = demo_config(size or None)
-    choice = OBJECTIVES[name]
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+    variant = config_base.parse_arg(arg, __file__, choices=OBJECTIVES, default="arcface")
+    c = demo.get_config("runlocal" if "runlocal" in variant else None)
+    choice = OBJECTIVES[variant.choice]
     c.loss.name = choice["name"]
-    c.input.sampler = choice.get("sampler", "random")
+    if "sampler" in choice:
+        c.input.sampler = choice["sampler"]
     if c.input.sampler == "triplets":
         c.batch_size = 3 * (c.batch_size // 3 // 8) * 8 if c.batch_size >= 48 else 24
     return c

@@ -4,13 +4,13 @@ python -m jfacerec.train --config configs/hw2p2_mobilefacenet.py --workdir workd
 Arguments as there: "softmax" (label-smoothed softmax instead of ArcFace), "runlocal".
 """
 
-import os
-import sys
+import ml_collections
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from jfacerec.core import config_base
 
-from hw2p2_iresnet50 import NUM_IDENTITIES, hw2p2_config  # noqa: E402,F401
+hw2p2 = config_base.sibling(__file__, "hw2p2_iresnet50")
+NUM_IDENTITIES = hw2p2.NUM_IDENTITIES
 
 
-def get_config(arg: str | None = None):
-    return hw2p2_config("mobilefacenet", arg)
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+    return hw2p2.hw2p2_config("mobilefacenet", arg, __file__)

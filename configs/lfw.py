@@ -7,17 +7,17 @@ Tuned on View 1 only, for about 30 minutes on a 2-core CPU (benchmarks/README.md
 """
 
 import os
-import sys
 
 import ml_collections
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from jfacerec.core import config_base
 
-from demo import get_config as demo_config  # noqa: E402
+demo = config_base.sibling(__file__, "demo")
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-    c = demo_config()
+    variant = config_base.parse_arg(arg, __file__)
+    c = demo.get_config()
     lfw = os.path.join(os.environ.get("JFACEREC_DATA", os.path.join("..", "shared", "data")), "lfw")
     c.image_size = 48
     c.batch_size = 128
@@ -27,17 +27,17 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.model.update(name="resnet_tiny", embedding_dim=128, norm="batch", dropout=0.0)
     c.loss.name = "softmax"
     c.optimizer.update(learning_rate=0.1, warmup_steps=200)
-    c.dataset = ml_collections.ConfigDict(dict(
+    c.dataset = config_base.dataset(
         name="lfw", root=os.path.join(lfw, "lfw-deepfunneled"),
         pairs=os.path.join(lfw, "pairsDevTest.txt"), fold=-1,
         min_images=1, test_images=0,
         # deep-funneled faces fill about the central half of the 250x250 frame
-        crop_fraction=0.5, check=True, strict=False, cache=True))
+        crop_fraction=0.5, check=True, strict=False, cache=True)
     c.input.augment.update(flip=True, min_scale=0.8, max_aspect_change=0.1, brightness=0.2,
                            contrast=0.2, saturation=0.2)
     c.eval.update(batch_size=256, flip=True)
 
-    if arg == "runlocal":
+    if "runlocal" in variant:
         c.image_size = 32
         c.total_steps = 20
         c.batch_size = 32

@@ -7,17 +7,17 @@ subjects, 10 unknown. Reported beside an eigenfaces baseline computed in the sam
 """
 
 import os
-import sys
 
 import ml_collections
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from jfacerec.core import config_base
 
-from demo import get_config as demo_config  # noqa: E402
+demo = config_base.sibling(__file__, "demo")
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-    c = demo_config()
+    variant = config_base.parse_arg(arg, __file__)
+    c = demo.get_config()
     data = os.environ.get("JFACEREC_DATA", os.path.join("..", "shared", "data"))
     c.image_size = 32
     c.batch_size = 64
@@ -27,16 +27,16 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.model.update(name="resnet_tiny", embedding_dim=64, norm="batch", width_multiplier=0.5)
     c.loss.name = "softmax"
     c.optimizer.update(learning_rate=0.1, warmup_steps=20)
-    c.dataset = ml_collections.ConfigDict(dict(
+    c.dataset = config_base.dataset(
         name="orl", root=os.path.join(data, "att_faces"), split=0, known_identities=40,
         open_set_known=30, train_images=5, crop_fraction=1.0, check=True, strict=False,
-        cache=True))
+        cache=True)
     c.input.augment.update(flip=True, min_scale=0.85, max_aspect_change=0.1, brightness=0.2,
                            contrast=0.2)
     c.eval.update(batch_size=200, flip=True)
-    c.eigenfaces = ml_collections.ConfigDict(dict(components=40))
+    c.eigenfaces.components = 40
 
-    if arg == "runlocal":
+    if "runlocal" in variant:
         c.image_size = 16
         c.total_steps = 10
         c.batch_size = 32

@@ -15,25 +15,23 @@ closed-set classification, and there is no unseen split (use configs/lfw.py and
 jfacerec.evaluation.lfw for the pairs protocol). "runlocal" shrinks it to a smoke test.
 """
 
-import os
-import sys
-
 import ml_collections
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from jfacerec.core import config_base
 
-from lfw import get_config as lfw_config  # noqa: E402
+lfw = config_base.sibling(__file__, "lfw")
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-    c = lfw_config(arg)
-    c.dataset = ml_collections.ConfigDict(dict(
+    variant = config_base.parse_arg(arg, __file__)
+    c = lfw.get_config("runlocal" if "runlocal" in variant else None)
+    c.dataset = config_base.dataset(
         name="tfds", tfds_name="lfw",
         # empty: TFDS's default, $TFDS_DATA_DIR or ~/tensorflow_datasets
         data_dir="",
-        split="train", unseen_split="",
+        tfds_split="train", tfds_unseen_split="",
         image_key="image", label_key="label",  # label: the person's name (text)
         test_images=1,
         # 250x250 images, the face in about the central half (as in configs/lfw.py)
-        crop_fraction=0.5, cache=True))
+        crop_fraction=0.5, cache=True)
     return c

@@ -10,24 +10,23 @@ identity folders; `mesh.model` must divide its identity count: 360,232 = 8 x 45,
 """
 
 import os
-import sys
 
 import ml_collections
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from jfacerec.core import config_base
 
-from zoo import get_config as zoo_config  # noqa: E402
+zoo = config_base.sibling(__file__, "zoo")
 
 # Identities of the placeholder dataset (the data itself decides; shape checks use this).
 NUM_IDENTITIES = 360_232
 
 
 def tpu_config(*, batch_size: int, model_devices: int, root: str, images: int,
-               arg: str | None) -> ml_collections.ConfigDict:
-    """The big_vision-style recipe: iresnet50, bf16, ArcFace, model-split head, PartialFC 0.3."""
-    if arg not in (None, "", "runlocal"):
-        raise ValueError(f"unknown argument {arg!r}; the only one is 'runlocal'")
-    c = zoo_config("iresnet50")
+               arg: str | None, path: str) -> ml_collections.ConfigDict:
+    """The big_vision-style recipe: iresnet50, bf16, ArcFace, model-split head, PartialFC 0.3;
+    arg (of the config file `path`): "runlocal"."""
+    variant = config_base.parse_arg(arg, path)
+    c = zoo.get_config("iresnet50")
     c.dtype = "bfloat16"  # parameters and optimizer state stay float32; the loss is float32
     c.image_size = 112
     c.batch_size = batch_size
@@ -42,10 +41,10 @@ def tpu_config(*, batch_size: int, model_devices: int, root: str, images: int,
     c.optimizer.update(name="sgd", learning_rate=0.1 * batch_size / 512, momentum=0.9,
                        weight_decay=5e-4, warmup_steps=2 * images // batch_size,
                        schedule="cosine")
-    c.dataset = ml_collections.ConfigDict(dict(name="arrayrecord", root=root, test_images=0))
+    c.dataset = config_base.dataset(name="arrayrecord", root=root, test_images=0)
     c.input.update(num_workers=16, worker_threads=16)  # 16 reading threads in each worker
     c.eval.update(batch_size=1024)
-    if arg == "runlocal":
+    if "runlocal" in variant:
         c.image_size = 32
         c.batch_size = 32
         c.total_steps = 20
@@ -54,9 +53,9 @@ def tpu_config(*, batch_size: int, model_devices: int, root: str, images: int,
         c.mesh.model = 1  # any CPU has one device
         c.model.update(width_multiplier=0.25, embedding_dim=64)
         c.optimizer.update(learning_rate=0.1, warmup_steps=5)
-        c.dataset = ml_collections.ConfigDict(dict(
+        c.dataset = config_base.dataset(
             name="synthetic", seed=0, num_identities=64, train_images=8, test_images=2,
-            num_unseen_identities=20, unseen_images=4))
+            num_unseen_identities=20, unseen_images=4)
         c.input.update(num_workers=0, num_threads=2)
         c.eval.update(batch_size=64, num_pairs=200)
     return c
@@ -65,4 +64,4 @@ def tpu_config(*, batch_size: int, model_devices: int, root: str, images: int,
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     return tpu_config(batch_size=1024, model_devices=8, images=17_091_657,
                       root=os.environ.get("JFACEREC_GLINT360K", "gs://YOUR_BUCKET/glint360k"),
-                      arg=arg)
+                      arg=arg, path=__file__)

@@ -9,16 +9,18 @@ launch/tpu_vm.sh all --name r50 --zone us-west4-a --accelerator-type v5litepod-8
 """
 
 import os
-import sys
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import ml_collections
 
-from tpu_v4_32 import tpu_config  # noqa: E402
+from jfacerec.core import config_base
+
+tpu_v4_32 = config_base.sibling(__file__, "tpu_v4_32")
 
 # Identities of the placeholder dataset (the data itself decides; shape checks use this).
 NUM_IDENTITIES = 205_990
 
 
-def get_config(arg: str | None = None):
-    return tpu_config(batch_size=512, model_devices=2, images=4_235_242,
-                      root=os.environ.get("JFACEREC_WEBFACE4M", "/data/webface4m"), arg=arg)
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+    return tpu_v4_32.tpu_config(batch_size=512, model_devices=2, images=4_235_242,
+                                root=os.environ.get("JFACEREC_WEBFACE4M", "/data/webface4m"),
+                                arg=arg, path=__file__)

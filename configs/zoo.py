@@ -1,19 +1,19 @@
 """Any registered backbone on the synthetic identities, at its native input size.
 
 python -m jfacerec.train --config configs/zoo.py:iresnet50 --workdir workdirs/iresnet50
-python -m jfacerec.train --config configs/zoo.py:mobilefacenet,cpu --workdir /tmp/mbf
+python -m jfacerec.train --config configs/zoo.py:mobilefacenet,runlocal --workdir /tmp/mbf
 
-Face backbones (iresnet*, mobilefacenet) take 112x112 crops; the course-style ones (resnet*,
-mobilenetv2, convnext_*) 224x224. ",cpu" shrinks any of them to a few CPU minutes: a quarter of
-the width, 64-pixel faces (32 for resnet_tiny), fewer identities and steps.
+The argument names the backbone (default iresnet50). Face backbones (iresnet*, mobilefacenet) take
+112x112 crops; the course-style ones (resnet*, mobilenetv2, convnext_*) 224x224. "runlocal" shrinks
+any of them to a few CPU minutes: a quarter of the width, 64-pixel faces (32 for resnet_tiny),
+fewer identities and steps.
 """
 
-import os
-import sys
+import ml_collections
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from jfacerec.core import config_base
 
-from demo import get_config as demo_config  # noqa: E402
+demo = config_base.sibling(__file__, "demo")
 
 # (input size, default norm, optimizer, learning rate) per backbone.
 BACKBONES = {
@@ -32,12 +32,11 @@ BACKBONES = {
 }
 
 
-def get_config(arg: str = "iresnet50"):
-    name, _, size = (arg or "iresnet50").partition(",")
-    if name not in BACKBONES:
-        raise ValueError(f"unknown backbone {name!r}; choose one of {sorted(BACKBONES)}")
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+    variant = config_base.parse_arg(arg, __file__, choices=BACKBONES, default="iresnet50")
+    name = variant.choice
     image_size, norm, optimizer, lr = BACKBONES[name]
-    c = demo_config()
+    c = demo.get_config()
     c.model.update(name=name, norm=norm, embedding_dim=512, dropblock=0.0)
     c.image_size = image_size
     c.optimizer.update(name=optimizer, learning_rate=lr,
@@ -45,7 +44,7 @@ def get_config(arg: str = "iresnet50"):
     c.dataset.update(num_identities=1000, train_images=40, test_images=5)
     c.total_steps = 20_000
     c.checkpoint_every_steps = 2_000
-    if size == "cpu":
+    if "runlocal" in variant:
         c.model.update(width_multiplier=0.25, embedding_dim=128)
         c.image_size = 32 if name == "resnet_tiny" else 64
         c.dataset.update(num_identities=64, train_images=24, test_images=4,
@@ -56,6 +55,4 @@ def get_config(arg: str = "iresnet50"):
         c.checkpoint_every_steps = 100
         c.optimizer.warmup_steps = 20
         c.eval.num_pairs = 400
-    elif size:
-        raise ValueError(f"unknown size {size!r}; the only variant is 'cpu'")
     return c

@@ -33,14 +33,16 @@ needs_lfw = pytest.mark.skipif(not os.path.isdir(LFW), reason=f"no LFW at {LFW}"
 needs_orl = pytest.mark.skipif(not os.path.isdir(ORL), reason=f"no ORL at {ORL}")
 
 
+def load_config(spec):
+    """configs/NAME.py[:ARG] as `--config` gives it (unlocked): load_config("zoo.py:resnet18")."""
+    from jfacerec.core import config_base
+
+    return config_base.load(os.path.join(REPO, "configs", spec))
+
+
 def tiny_config(**overrides):
     """The demo config shrunk to seconds: 8 identities, 16-pixel faces, a 4-to-32-channel ResNet."""
-    import sys
-
-    sys.path.insert(0, REPO)
-    from configs.demo import get_config
-
-    c = get_config("runlocal")
+    c = load_config("demo.py:runlocal")
     c.image_size = 16
     c.num_devices = 1
     c.batch_size = 16

@@ -12,7 +12,7 @@ import os
 import subprocess
 import sys
 
-from conftest import REPO, needs_lfw
+from conftest import REPO, load_config, needs_lfw
 from jfacerec import models
 from jfacerec.models import summary
 
@@ -54,10 +54,7 @@ def test_train_step_benchmark_times_our_variants_without_torch():
         assert rate > 0 and f"ratio_jax_{v}_to_torch_best" not in r
         assert r[f"jax_{v}_mfu"] == r["flops_per_image"] * rate / result["peak_flops"]
     # The step's FLOPs (forward, backward, update) from XLA against one forward pass.
-    sys.path.insert(0, REPO)
-    from configs import demo
-
-    config = demo.get_config()
+    config = load_config("demo.py")
     forward = summary.totals(models.from_config(config, config.dataset.num_identities),
                              config.image_size)["flops"]
     assert 2.0 < r["flops_per_image"] / forward < 3.5

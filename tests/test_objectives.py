@@ -1,27 +1,21 @@
 """Training objectives end to end: every loss config takes real steps; samplers feed them."""
 
-import os
-import sys
-
 import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from conftest import REPO
-from jfacerec.core import parallel
+from conftest import REPO, load_config
+from jfacerec.core import config_base, parallel
 from jfacerec.data.pipeline import train_dataset
 from jfacerec.data.records import SyntheticSource
 from jfacerec.losses.objectives import Objective
 from jfacerec.training import abstract_train_state, init_state, make_train_step
 
-sys.path.insert(0, os.path.join(REPO, "configs"))
-import demo_losses  # noqa: E402
-
 
 def tiny(objective):
-    c = demo_losses.get_config(f"{objective},runlocal")
+    c = load_config(f"demo_losses.py:{objective},runlocal")
     c.image_size = 16
     c.batch_size = 24
     c.model.width_multiplier = 0.25
@@ -44,7 +38,10 @@ def take_steps(config, n=3):
     return model, state, history
 
 
-@pytest.mark.parametrize("objective", sorted(demo_losses.OBJECTIVES))
+OBJECTIVES = sorted(config_base.load_module(f"{REPO}/configs/demo_losses.py").OBJECTIVES)
+
+
+@pytest.mark.parametrize("objective", OBJECTIVES)
 def test_every_objective_trains(objective):
     config = tiny(objective)
     model, state, history = take_steps(config)
@@ -133,14 +130,9 @@ def test_triplet_sampler_needs_a_triplet_term():
 
 @pytest.mark.parametrize("name", ["arcface", "cosface", "sphereface", "combined", "center",
                                   "triplet", "joint"])
-def test_one_config_file_per_objective(name):
-    import importlib.util
-
-    path = os.path.join(REPO, "configs", f"demo_{name}.py")
-    spec = importlib.util.spec_from_file_location(f"demo_{name}", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    full, small = module.get_config(), module.get_config("runlocal")
-    assert full.loss.name == demo_losses.get_config(name).loss.name
+def test_demo_losses_takes_each_objective_at_full_and_runlocal_size(name):
+    full = load_config(f"demo_losses.py:{name}")
+    small = load_config(f"demo_losses.py:{name},runlocal")
+    assert full.loss.name == small.loss.name != "softmax"
     assert small.total_steps < full.total_steps
     Objective.from_config(full)

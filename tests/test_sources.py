@@ -6,7 +6,6 @@ import subprocess
 import sys
 
 import chex
-import ml_collections
 import numpy as np
 import pytest
 
@@ -87,8 +86,8 @@ def test_folder_dataset_trains_through_the_pipeline(tmp_path):
     root = make_tree(tmp_path / "tree", identities=4, per_identity=5, ext="jpg")
     unseen = make_tree(tmp_path / "unseen", identities=2, per_identity=3)
     config = tiny_config()
-    config.dataset = ml_collections.ConfigDict(dict(
-        name="folder", root=str(root), unseen_root=str(unseen), test_images=1, crop_fraction=0.9))
+    config.dataset.update(name="folder", root=str(root), unseen_root=str(unseen), test_images=1,
+                          crop_fraction=0.9)
     data = sources.get_dataset(config)
     assert data.num_classes == 4 and data.names[0] == "person_0"
     assert (len(data.train), len(data.test), len(data.unseen)) == (16, 4, 6)
@@ -144,8 +143,7 @@ def test_arrayrecord_dataset_holds_out_test_images(tmp_path):
     root = make_tree(tmp_path / "tree", identities=3, per_identity=4)
     pack.pack(str(root), str(tmp_path / "packed"))
     config = tiny_config()
-    config.dataset = ml_collections.ConfigDict(dict(name="arrayrecord",
-                                                    root=str(tmp_path / "packed"), test_images=1))
+    config.dataset.update(name="arrayrecord", root=str(tmp_path / "packed"), test_images=1)
     data = sources.get_dataset(config)
     assert (data.num_classes, len(data.train), len(data.test)) == (3, 9, 3)
     np.testing.assert_array_equal(data.test.labels(), [0, 1, 2])
@@ -195,8 +193,7 @@ def test_color_jitter_changes_only_what_is_on():
 def test_hw2p2_dataset_from_real_faces(tmp_path):
     root, train_people, known_people = hw2p2_tree(tmp_path / "hw2p2")
     config = tiny_config()
-    config.dataset = ml_collections.ConfigDict(dict(name="hw2p2", root=str(root),
-                                                    crop_fraction=0.5))
+    config.dataset.update(name="hw2p2", root=str(root), crop_fraction=0.5)
     data = sources.get_dataset(config)
     assert data.names == tuple(train_people) and data.num_classes == 4
     assert (len(data.train), len(data.test), len(data.unseen)) == (16, 4, 6)
@@ -208,8 +205,8 @@ def test_hw2p2_dataset_from_real_faces(tmp_path):
 def test_lfw_dataset_leaves_out_the_people_of_the_pairs(tmp_path):
     pairs = os.path.join(DATA, "lfw", "pairsDevTest.txt")
     config = tiny_config()
-    config.dataset = ml_collections.ConfigDict(dict(name="lfw", root=LFW, pairs=pairs,
-                                                    min_images=2, crop_fraction=0.5))
+    config.dataset.update(name="lfw", root=LFW, pairs=pairs, min_images=2, test_images=0,
+                          crop_fraction=0.5)
     data = sources.get_dataset(config)
     held = sources.lfw_identities_in_pairs(pairs)
     assert len(held) == 963 and not held & set(data.names)
@@ -221,8 +218,7 @@ def test_lfw_dataset_leaves_out_the_people_of_the_pairs(tmp_path):
 @needs_orl
 def test_orl_splits_are_disjoint_and_seeded():
     config = tiny_config()
-    config.dataset = ml_collections.ConfigDict(dict(name="orl", root=ORL, split=3,
-                                                    known_identities=30, train_images=5))
+    config.dataset.update(name="orl", root=ORL, split=3, known_identities=30, train_images=5)
     data = sources.get_dataset(config)
     assert data.num_classes == 30 and len(data.train) == 150 and len(data.test) == 150
     assert len(data.unseen) == 100

@@ -8,7 +8,6 @@ import os
 import pickle
 
 import chex
-import ml_collections
 import numpy as np
 import pytest
 
@@ -122,9 +121,8 @@ def test_missing_datasets_and_features_are_named(data_dir):
 
 def tfds_config(data_dir, **overrides):
     config = tiny_config(**overrides)
-    config.dataset = ml_collections.ConfigDict(dict(
-        name="tfds", tfds_name=NAME, data_dir=data_dir, split="train", unseen_split="test",
-        test_images=1))
+    config.dataset.update(name="tfds", tfds_name=NAME, data_dir=data_dir, tfds_split="train",
+                          tfds_unseen_split="test", test_images=1)
     return config
 
 

@@ -77,8 +77,8 @@ def make_mesh(num_devices: int = 0, model: int = 1) -> Mesh:
 
 
 def mesh_from_config(config) -> Mesh:
-    """The mesh of a training config: `num_devices` and `mesh.model` (1 when absent)."""
-    return make_mesh(config.num_devices, config.get("mesh", {}).get("model", 1))
+    """The mesh of a training config: `num_devices` and `mesh.model`."""
+    return make_mesh(config.num_devices, config.mesh.model)
 
 
 def data_sharding(mesh: Mesh) -> NamedSharding:

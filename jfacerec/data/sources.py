@@ -5,7 +5,10 @@ The sources themselves (random-access record collections) are in records.py.
 Registered datasets (`config.dataset.name`): synthetic (procedural identities), folder (an
 identity-folder tree), arrayrecord (shards written by `python -m jfacerec.data.pack`), hw2p2 (the
 course layout), lfw (the folder, less the identities of a pairs file), orl (AT&T faces), and tfds
-(any TensorFlow Datasets data source with an image and a label feature).
+(any TensorFlow Datasets data source with an image and a label feature). Each is registered with
+the `dataset.*` keys it reads and the ones it requires; every key's default is in the base config
+(jfacerec/core/config_base.py), so `--config.dataset.name=folder --config.dataset.root=DIR` works
+on any config.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ import numpy as np
 from jfacerec.data.folders import ImageFiles, scan_identity_folders, split_per_identity
 from jfacerec.data.records import (UNSEEN_IDENTITY_OFFSET, ArrayRecordSource, FaceDataset,
                                    ImageFileSource, SyntheticSource)
+
 
 def synthetic_dataset(config: ml_collections.ConfigDict, image_size: int) -> FaceDataset:
     """Synthetic identities: `num_identities` for training, `num_unseen_identities` for the open set.
@@ -48,18 +52,16 @@ def data_root() -> str:
 
 
 def _decoding(d: ml_collections.ConfigDict, image_size: int) -> dict:
-    return dict(size=image_size, crop_fraction=d.get("crop_fraction", 1.0),
-                cache=d.get("cache", True))
+    return dict(size=image_size, crop_fraction=d.crop_fraction, cache=d.cache)
 
 
 def _scan(d: ml_collections.ConfigDict, root: str, **kwargs) -> ImageFiles:
-    return scan_identity_folders(os.path.abspath(root), check=d.get("check", True),
-                                 strict=d.get("strict", False), **kwargs)
+    return scan_identity_folders(os.path.abspath(root), check=d.check, strict=d.strict, **kwargs)
 
 
 def _held_out_split(d: ml_collections.ConfigDict, files: ImageFiles, image_size: int):
     """(train, test) sources of one tree: `test_images` of each identity held out for testing."""
-    kept, held = split_per_identity(files.labels, d.get("test_images", 0))
+    kept, held = split_per_identity(files.labels, d.test_images)
     make = lambda idx: ImageFileSource(files.subset(idx), **_decoding(d, image_size))  # noqa: E731
     return make(kept), (make(held) if len(held) else None)
 
@@ -67,10 +69,10 @@ def _held_out_split(d: ml_collections.ConfigDict, files: ImageFiles, image_size:
 def folder_dataset(d: ml_collections.ConfigDict, image_size: int) -> FaceDataset:
     """`root/<identity>/<image>`: train on every identity (less `test_images` held out per
     identity for classification); verification on `unseen_root`, another tree, if given."""
-    files = _scan(d, d.root, min_images=d.get("min_images", 1))
+    files = _scan(d, d.root, min_images=d.min_images)
     train, test = _held_out_split(d, files, image_size)
     unseen = None
-    if d.get("unseen_root"):
+    if d.unseen_root:
         unseen = ImageFileSource(_scan(d, d.unseen_root), **_decoding(d, image_size))
     return FaceDataset(f"folder:{d.root}", len(files.names), train, test, unseen, files.names)
 
@@ -78,11 +80,11 @@ def folder_dataset(d: ml_collections.ConfigDict, image_size: int) -> FaceDataset
 def arrayrecord_dataset(d: ml_collections.ConfigDict, image_size: int) -> FaceDataset:
     """Shards written by `python -m jfacerec.data.pack` (`root`), like `folder` otherwise."""
     everything = ArrayRecordSource(d.root, size=image_size)
-    kept, held = split_per_identity(everything.labels(), d.get("test_images", 0))
+    kept, held = split_per_identity(everything.labels(), d.test_images)
     make = lambda idx: ArrayRecordSource(d.root, indices=idx, relabel=False,  # noqa: E731
                                          **_decoding(d, image_size))
     unseen = None
-    if d.get("unseen_root"):
+    if d.unseen_root:
         unseen = ArrayRecordSource(d.unseen_root, **_decoding(d, image_size))
     return FaceDataset(f"arrayrecord:{d.root}", len(everything.names), make(kept),
                        make(held) if len(held) else None, unseen, tuple(everything.names))
@@ -177,9 +179,9 @@ def lfw_dataset(d: ml_collections.ConfigDict, image_size: int) -> FaceDataset:
     folds when -1) with `min_images` or more images; `test_images` of each held out; the held-out
     people as the unseen set."""
     everyone = _scan(d, d.root)
-    held = lfw_identities_in_pairs(d.pairs, d.get("fold", -1)) if d.get("pairs") else set()
+    held = lfw_identities_in_pairs(d.pairs, d.fold) if d.pairs else set()
     outside = tuple(n for n in everyone.names if n not in held)
-    files = everyone.select(outside, d.get("min_images", 1))
+    files = everyone.select(outside, d.min_images)
     train, test = _held_out_split(d, files, image_size)
     unseen = None
     if held:
@@ -189,17 +191,17 @@ def lfw_dataset(d: ml_collections.ConfigDict, image_size: int) -> FaceDataset:
 
 def orl_dataset(d: ml_collections.ConfigDict, image_size: int) -> FaceDataset:
     """AT&T/ORL (s1..s40, 10 images each): `train_images` random images of each of the first
-    `known_identities` subjects (in a random order drawn from `split`) train, their other
-    images test; the remaining subjects are the unseen (open-set unknown) ones."""
+    `known_identities` subjects (0: all of them; in a random order drawn from `split`) train,
+    their other images test; the remaining subjects are the unseen (open-set unknown) ones."""
     files = _scan(d, d.root)
-    rng = np.random.default_rng(d.get("split", 0))
+    rng = np.random.default_rng(d.split)
     order = rng.permutation(len(files.names))
-    known = np.sort(order[:d.get("known_identities", len(files.names))])
+    known = np.sort(order[:d.known_identities or len(files.names)])
     in_known = np.isin(files.labels, known)
     known_idx = np.flatnonzero(in_known)
     per_identity = int(np.bincount(files.labels).max())
     kept, held = split_per_identity(files.labels[known_idx],
-                                    per_identity - d.get("train_images", 5), rng)
+                                    per_identity - d.train_images, rng)
     make = lambda idx: ImageFileSource(files.subset(idx, relabel=True),  # noqa: E731
                                        **_decoding(d, image_size))
     unknown_idx = np.flatnonzero(~in_known)
@@ -214,22 +216,60 @@ def tfds_dataset(d: ml_collections.ConfigDict, image_size: int) -> FaceDataset:
     return build(d, image_size)
 
 
-_DATASETS: dict[str, Callable[[ml_collections.ConfigDict, int], FaceDataset]] = {
-    "synthetic": synthetic_dataset,
-    "folder": folder_dataset,
-    "arrayrecord": arrayrecord_dataset,
-    "hw2p2": hw2p2_dataset,
-    "lfw": lfw_dataset,
-    "orl": orl_dataset,
-    "tfds": tfds_dataset,
+@dataclasses.dataclass(frozen=True)
+class Source:
+    """A registered dataset: its builder, the `dataset.*` keys it reads and, of those, the ones it
+    cannot do without (an empty value is an error). The keys' defaults are in the base config
+    (jfacerec/core/config_base.py), whose `dataset` block holds every source's keys."""
+
+    build: Callable[[ml_collections.ConfigDict, int], FaceDataset]
+    keys: tuple[str, ...]
+    required: tuple[str, ...] = ()
+
+
+_DECODED = ("crop_fraction", "cache")  # every source of image files
+_SCANNED = _DECODED + ("check", "strict")  # the image-folder trees
+
+_DATASETS: dict[str, Source] = {
+    "synthetic": Source(synthetic_dataset, ("seed", "num_identities", "train_images",
+                                            "test_images", "num_unseen_identities",
+                                            "unseen_images")),
+    "folder": Source(folder_dataset, ("root", "min_images", "test_images", "unseen_root")
+                     + _SCANNED, required=("root",)),
+    "arrayrecord": Source(arrayrecord_dataset, ("root", "test_images", "unseen_root") + _DECODED,
+                          required=("root",)),
+    "hw2p2": Source(hw2p2_dataset, ("root",) + _SCANNED, required=("root",)),
+    "lfw": Source(lfw_dataset, ("root", "pairs", "fold", "min_images", "test_images") + _SCANNED,
+                  required=("root",)),
+    "orl": Source(orl_dataset, ("root", "split", "known_identities", "train_images") + _SCANNED,
+                  required=("root",)),
+    "tfds": Source(tfds_dataset, ("tfds_name", "data_dir", "tfds_split", "tfds_unseen_split",
+                                  "image_key", "label_key", "test_images") + _DECODED,
+                   required=("tfds_name",)),
 }
 
 
+def registered_datasets() -> dict[str, Source]:
+    return dict(_DATASETS)
+
+
 def get_dataset(config: ml_collections.ConfigDict) -> FaceDataset:
-    """The dataset named by `config.dataset.name`, built from `config.dataset`."""
-    name = config.dataset.name
+    """The dataset named by `config.dataset.name`, built from the keys of `config.dataset` that
+    its source reads (a missing or empty required one is a one-line ValueError)."""
+    d = config.dataset
+    name = d.name
     try:
-        build = _DATASETS[name]
+        source = _DATASETS[name]
     except KeyError:
         raise ValueError(f"unknown dataset {name!r}; registered: {sorted(_DATASETS)}") from None
-    return build(config.dataset, config.image_size)
+    for key in source.keys:
+        if key not in d:
+            raise ValueError(f"dataset.{key} is missing (dataset.name={name} reads it); build "
+                             f"configs on jfacerec.core.config_base.base_config(), which has "
+                             f"every source's keys")
+    for key in source.required:
+        if not d[key]:
+            raise ValueError(f"dataset.{key} is required for dataset.name={name}")
+    # Only the source's own keys: a builder reading an undeclared key fails in the tests.
+    return source.build(ml_collections.ConfigDict({k: d[k] for k in source.keys}),
+                        config.image_size)

@@ -100,18 +100,16 @@ class TfdsSource(DecodedSource):
 
 
 def tfds_dataset(d: ml_collections.ConfigDict, image_size: int) -> FaceDataset:
-    """The prepared TFDS dataset `tfds_name`: split `split` trains, less `test_images` of each
-    identity held out for classification; `unseen_split`, if given, holds other identities for
-    verification."""
+    """The prepared TFDS dataset `tfds_name` (under `data_dir`; "": TFDS's default): split
+    `tfds_split` trains, less `test_images` of each identity held out for classification;
+    `tfds_unseen_split`, if given, holds other identities for verification."""
     make = lambda split: TfdsSource(d.tfds_name, split, size=image_size,  # noqa: E731
-                                    data_dir=d.get("data_dir") or None,
-                                    image_key=d.get("image_key", "image"),
-                                    label_key=d.get("label_key", "label"),
-                                    crop_fraction=d.get("crop_fraction", 1.0),
-                                    cache=d.get("cache", True))
-    everything = make(d.get("split", "train"))
-    kept, held = split_per_identity(everything.labels(), d.get("test_images", 0))
+                                    data_dir=d.data_dir or None, image_key=d.image_key,
+                                    label_key=d.label_key, crop_fraction=d.crop_fraction,
+                                    cache=d.cache)
+    everything = make(d.tfds_split)
+    kept, held = split_per_identity(everything.labels(), d.test_images)
     return FaceDataset(f"tfds:{d.tfds_name}", len(everything.names), everything.subset(kept),
                        everything.subset(held) if len(held) else None,
-                       make(d.unseen_split) if d.get("unseen_split") else None,
+                       make(d.tfds_unseen_split) if d.tfds_unseen_split else None,
                        tuple(everything.names))

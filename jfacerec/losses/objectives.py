@@ -59,20 +59,22 @@ class Objective:
         loss_cfg = config.loss
         terms = []
         for weight, name in parse_terms(loss_cfg.name):
-            options = {k: v for k, v in dict(loss_cfg.get(name, {})).items()
+            # Every loss has its block in the base config (jfacerec/core/config_base.py).
+            options = {k: v for k, v in dict(loss_cfg[name]).items()
                        if k not in _SPHEREFACE_SCHEDULE + _CENTER_OPTIONS}
+            # A term's own label_smoothing, where a config adds one, overrides the loss's.
+            options.setdefault("label_smoothing", loss_cfg.label_smoothing)
             terms.append((weight, name, options))
-        sphere = dict(loss_cfg.get("sphereface", {}))
-        center = dict(loss_cfg.get("center", {}))
-        explicit = config.input.get("sampler", "random") == "triplets"
+        sphere, center = loss_cfg.sphereface, loss_cfg.center
+        explicit = config.input.sampler == "triplets"
         if explicit and not any(name == "triplet" for _, name, _ in terms):
             raise ValueError("input.sampler='triplets' needs a 'triplet' term in loss.name")
         return cls(
-            terms=tuple(terms), label_smoothing=loss_cfg.get("label_smoothing", 0.0),
+            terms=tuple(terms), label_smoothing=loss_cfg.label_smoothing,
             explicit_triplets=explicit,
-            sphereface_schedule={k: sphere[k] for k in _SPHEREFACE_SCHEDULE if k in sphere},
-            center_update=center.get("update", "rule"), center_alpha=center.get("alpha", 0.5),
-            center_learning_rate=center.get("learning_rate", 0.5))
+            sphereface_schedule={k: sphere[k] for k in _SPHEREFACE_SCHEDULE},
+            center_update=center.update, center_alpha=center.alpha,
+            center_learning_rate=center.learning_rate)
 
     def kinds(self) -> set[str]:
         return {losses.loss_kind(name) for _, name, _ in self.terms}
@@ -91,13 +93,12 @@ class Objective:
         return "linear", 1.0
 
     def sphereface_lambda(self, step: jax.Array) -> jax.Array:
-        """max(lambda_min, lambda_base * (1 + gamma * step) ** -power); 0 when not configured."""
+        """max(lambda_min, lambda_base * (1 + gamma * step) ** -power); 0 when lambda_base is 0."""
         s = self.sphereface_schedule
-        if not s.get("lambda_base"):
+        if not s["lambda_base"]:
             return jnp.zeros((), jnp.float32)
-        value = s["lambda_base"] * (1.0 + s.get("lambda_gamma", 0.12) * step) ** (
-            -s.get("lambda_power", 1.0))
-        return jnp.maximum(value, s.get("lambda_min", 0.0)).astype(jnp.float32)
+        value = s["lambda_base"] * (1.0 + s["lambda_gamma"] * step) ** (-s["lambda_power"])
+        return jnp.maximum(value, s["lambda_min"]).astype(jnp.float32)
 
     def __call__(self, *, embeddings: jax.Array, logits: jax.Array | None,
                  class_weights: jax.Array, centers: jax.Array, labels: jax.Array,
@@ -111,7 +112,7 @@ class Objective:
         for weight, name, options in self.terms:
             kind = losses.loss_kind(name)
             fn = losses.get_loss(name)
-            smoothing = options.get("label_smoothing", self.label_smoothing)
+            smoothing = options["label_smoothing"]
             kw = {k: v for k, v in options.items() if k != "label_smoothing"}
             if kind == losses.MARGIN and name == "sphereface":
                 kw["anneal_lambda"] = self.sphereface_lambda(step)
@@ -127,7 +128,7 @@ class Objective:
                 # Each process's rows are [anchors; positives; negatives]; regroup globally.
                 blocks = jnp.split(embeddings, 3 * jax.process_count())
                 a, p, n = (jnp.concatenate(blocks[i::3]) for i in range(3))
-                value = losses.explicit_triplet_loss(a, p, n, margin=kw.get("margin", 0.2))
+                value = losses.explicit_triplet_loss(a, p, n, margin=kw["margin"])
             elif kind == losses.METRIC:
                 value = fn(embeddings, labels, **kw)
             else:

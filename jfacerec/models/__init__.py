@@ -156,7 +156,7 @@ def from_config(config: ml_collections.ConfigDict, num_classes: int) -> FaceMode
     head, head_scale = Objective.from_config(config).head
     return get_model(m.name, num_classes=num_classes, embedding_dim=m.embedding_dim, norm=m.norm,
                      norm_groups=m.norm_groups, width_multiplier=m.width_multiplier,
-                     dropout=m.dropout, dropblock=m.get("dropblock", 0.0),
+                     dropout=m.dropout, dropblock=m.dropblock,
                      dtype=jnp.dtype(config.dtype), head=head,
                      head_scale=head_scale)
 
