@@ -25,6 +25,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from jfacerec import training  # noqa: E402
 from jfacerec.core import config_base, parallel  # noqa: E402
+from jfacerec.models import xla_cpu  # noqa: E402
 from jfacerec.data import pipeline, sources  # noqa: E402
 from jfacerec.data.synthetic import render_faces  # noqa: E402
 from jfacerec.losses.objectives import Objective  # noqa: E402
@@ -79,7 +80,7 @@ def main():
     state = training.init_state(model, tx, size, jax.random.key(0),
                                 Objective.from_config(config))
     step = jax.jit(training.make_train_step(model, tx, config), donate_argnums=0,
-                   compiler_options=parallel.compiler_options())  # as training.train jits it
+                   compiler_options=xla_cpu.compiler_options())  # as training.train jits it
     b = {"image": jnp.zeros((batch, size, size, 3)), "label": jnp.zeros((batch,), jnp.int32)}
     state, m = step(state, b)
     jax.block_until_ready(m)

@@ -11,7 +11,7 @@ benchmarks/torch_peers.py with the same layers, widths, norms, classifier, loss 
 cross-entropy, same label smoothing) and optimizer (SGD, same momentum, Nesterov and weight
 decay on kernels only), in PyTorch's default NCHW layout and in channels_last. Ours runs as
 `train` compiles it, and without each of the two CPU changes that made it faster (the
-backbones' convs computed by layers.conv_general_dilated; parallel.compiler_options), to show
+backbones' convs computed by layers.conv_general_dilated; xla_cpu.compiler_options), to show
 what each buys. Steps of all of them alternate on one fixed batch, so load from other processes
 hits each alike; figures are medians over the steps after warm-up.
 
@@ -53,8 +53,8 @@ from common import REPO, parse_sides  # noqa: E402
 sys.path.insert(0, REPO)
 
 from jfacerec import models, training  # noqa: E402
-from jfacerec.core import config_base, parallel  # noqa: E402
-from jfacerec.models import layers  # noqa: E402
+from jfacerec.core import config_base  # noqa: E402
+from jfacerec.models import layers, xla_cpu  # noqa: E402
 from jfacerec.losses.objectives import Objective  # noqa: E402
 
 MODELS = ("resnet_tiny", "iresnet18", "mobilefacenet")
@@ -63,7 +63,7 @@ MODELS = ("resnet_tiny", "iresnet18", "mobilefacenet")
 # convs take minutes per step of 64 in the unchanged step).
 CPU_BATCH = {"resnet_tiny": 128, "iresnet18": 16, "mobilefacenet": 16}
 GPU_BATCH = {"resnet_tiny": 512, "iresnet18": 256, "mobilefacenet": 512}
-# Ours as training.train compiles it; without parallel.compiler_options (XLA's default CPU
+# Ours as training.train compiles it; without xla_cpu.compiler_options (XLA's default CPU
 # options); and without those nor layers.conv_general_dilated (every conv lax's: the code before
 # the performance work).
 VARIANTS = ("ours", "default_xla_options", "lax_convs_default_xla_options")
@@ -116,7 +116,7 @@ def jax_step(config, classes: int, variant: str) -> tuple[Callable[[], None], di
         # As training.train jits it: the old state's buffers are reused for the new one.
         lowered = jax.jit(training.make_train_step(model, tx, config),
                           donate_argnums=0).lower(state, data)
-    options = None if variant.endswith("default_xla_options") else parallel.compiler_options()
+    options = None if variant.endswith("default_xla_options") else xla_cpu.compiler_options()
     compiled = lowered.compile(compiler_options=options)
     cost = compiled.cost_analysis()
     facts = {
@@ -303,7 +303,7 @@ def main() -> None:
     print(f"\npeak {peak / 1e9:.1f} GFLOP/s before, {peak_after / 1e9:.1f} after; {threads}"
           f"load average {load_before:.1f} before, {os.getloadavg()[0]:.1f} after")
     print(json.dumps({"peak_flops": peak, "peak_flops_after": peak_after, "steps": args.steps,
-                      "warmup": args.warmup, "xla_options": parallel.compiler_options(),
+                      "warmup": args.warmup, "xla_options": xla_cpu.compiler_options(),
                       "load_average": [load_before, os.getloadavg()[0]],
                       "machine": machine(with_torch), "results": results}))
 

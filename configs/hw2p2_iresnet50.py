@@ -2,8 +2,8 @@
 
 JFACEREC_HW2P2=/data/hw2p2 python -m jfacerec.train --config configs/hw2p2_iresnet50.py \
     --workdir workdirs/hw2p2_iresnet50
-(`dataset.root` defaults to $JFACEREC_HW2P2, else /data/hw2p2; the layout is in
-../shared/ARCHITECTURE.md.) "softmax" trains with softmax and label smoothing instead of ArcFace;
+(`dataset.root` defaults to $JFACEREC_HW2P2, else /data/hw2p2; the layout is
+`jfacerec.data.sources.Hw2p2Layout`'s.) "softmax" trains with softmax and label smoothing instead of ArcFace;
 "runlocal" (also "softmax,runlocal") shrinks it to synthetic faces and a CPU smoke test.
 """
 

@@ -14,6 +14,8 @@ os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
 
 import shutil  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
 
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
@@ -107,3 +109,25 @@ def hw2p2_tree(root):
     (root / "verification" / "dev_identities.csv").write_text(
         "id,label\n" + "".join(f"{q},{n}\n" for q, n in rows))
     return root, train_people, known_people
+
+
+def run_module(*args):
+    """`python -m ARGS` from the repository root, on the CPU: the CompletedProcess."""
+    return subprocess.run([sys.executable, "-m", *args], capture_output=True, text=True, cwd=REPO,
+                          env={**os.environ, "JAX_PLATFORMS": "cpu"})
+
+
+@pytest.fixture(scope="session")
+def hw2p2_model(tmp_path_factory):
+    """(workdir, hw2p2 root, training names, known names): a 12-step model on real faces."""
+    if not os.path.isdir(LFW):
+        pytest.skip(f"no LFW at {LFW}")
+    from jfacerec.training import train
+
+    tmp = tmp_path_factory.mktemp("apps")
+    root, train_people, known_people = hw2p2_tree(tmp / "hw2p2")
+    config = tiny_config(total_steps=12, checkpoint_every_steps=12)
+    config.dataset.update(name="hw2p2", root=str(root), crop_fraction=0.5)
+    workdir = str(tmp / "workdir")
+    train(config, workdir)
+    return workdir, root, train_people, known_people

@@ -133,13 +133,16 @@ class Checkpointer:
     """Saves train states asynchronously, records each finished one in its manifest and keeps the
     newest `keep`; restores a given step, or the newest intact one."""
 
-    def __init__(self, workdir: str, *, keep: int = 3, async_save: bool = True):
+    def __init__(self, workdir: str, *, keep: int = 3, async_save: bool = True,
+                 read_only: bool = False):
         if keep < 1:
             raise ValueError(f"keep_checkpoints is {keep}: keep at least 1 checkpoint")
         self.directory = os.path.abspath(workdir_files.path(workdir, workdir_files.CHECKPOINTS))
         self.keep = keep
         # No max_to_keep: orbax would rotate before a new step is recorded; `_rotate` does it after.
-        options = ocp.CheckpointManagerOptions(create=True, enable_async_checkpointing=async_save)
+        # Readers (read_only) never create the checkpoints folder in what may not be a workdir.
+        options = ocp.CheckpointManagerOptions(
+            create=not read_only, enable_async_checkpointing=async_save)
         self.manager = ocp.CheckpointManager(self.directory, options=options,
                                              item_names=("state", "data", "meta"))
         self._unrecorded: list[int] = []  # steps saved by this object, without a manifest yet

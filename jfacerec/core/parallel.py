@@ -14,17 +14,6 @@ MODEL_AXIS = "model"
 # The batch is split over every device: the backbone is data parallel over the whole mesh.
 BATCH_AXES = (DATA_AXIS, MODEL_AXIS)
 
-# On CPU, YNNPACK keeps the reductions (BatchNorm statistics: fast there) and the convolutions go
-# to Eigen: YNNPACK's convolution weight gradients ran 6x slower than its forward pass
-# (benchmarks/README.md, "Train step").
-_XLA_CPU_OPTIONS = {"xla_cpu_experimental_ynn_fusion_type": "LIBRARY_FUSION_TYPE_REDUCE"}
-
-
-def compiler_options() -> dict[str, str] | None:
-    """XLA options for jitting model code on the default backend; None keeps XLA's defaults."""
-    return dict(_XLA_CPU_OPTIONS) if jax.default_backend() == "cpu" else None
-
-
 def _tpu_pod_hosts() -> int:
     """How many hosts the TPU environment names (0 outside a TPU VM); no network calls."""
     hosts = os.environ.get("TPU_WORKER_HOSTNAMES", "")

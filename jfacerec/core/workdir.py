@@ -21,6 +21,7 @@ from typing import Any
 
 import ml_collections
 
+from jfacerec.core import config_base
 from jfacerec.core.atomic import atomic_open
 
 CONFIG = "config.json"
@@ -53,7 +54,8 @@ def read_config(workdir: str) -> ml_collections.ConfigDict:
         raise FileNotFoundError(f"{config_path}: not a training workdir (no {CONFIG}); train "
                                 f"with python -m jfacerec.train --config ... --workdir {workdir}")
     with open(config_path) as f:
-        return ml_collections.ConfigDict(json.load(f))
+        # An older workdir lacks the keys added since: the base config gives their defaults.
+        return config_base.with_defaults(json.load(f))
 
 
 def write_identities(names: tuple[str, ...], workdir: str) -> None:

@@ -103,7 +103,12 @@ def read_id_label_csv(path: str) -> dict[str, str]:
 
 @dataclasses.dataclass
 class Hw2p2Layout:
-    """The course's layout under `root` (see ../shared/ARCHITECTURE.md)."""
+    """The course's layout under `root`:
+
+        classification/{train,dev}/<identity>/*.jpg, classification/test/*.jpg
+        verification/known/<identity>/*.jpg, verification/unknown_{dev,test}/*.jpg
+        verification/dev_identities.csv (`id,label`; n000000 for someone not in known/)
+    """
 
     root: str
 

@@ -74,9 +74,9 @@ def cosine_of_pairs(embeddings: np.ndarray, first: np.ndarray, second: np.ndarra
 
 def evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
     """Runs every evaluation that the dataset supports; returns the flat metrics dict."""
-    os.makedirs(workdir_files.path(workdir, workdir_files.EVAL), exist_ok=True)
     dataset = sources.get_dataset(config)
     restored = restore(config, workdir, dataset.num_classes)
+    os.makedirs(workdir_files.path(workdir, workdir_files.EVAL), exist_ok=True)
     variables = restored.variables
     run = dict(batch_size=config.eval.batch_size, image_size=config.image_size,
                mesh=restored.mesh)

@@ -48,14 +48,14 @@ class FaceRecognizer:
                  batch_size: int = 64):
         self.workdir = workdir
         self.config = workdir_files.read_config(workdir)
-        meta = Checkpointer(workdir).meta(step)
+        meta = Checkpointer(workdir, read_only=True).meta(step)
         kernel = next(shape for key, shape in meta["param_shapes"].items()
                       if key.startswith("['classifier']") and key.endswith("['kernel']"))
         self.num_classes = kernel[-1]
         self._restored: Restored = restore(self.config, workdir, self.num_classes, step=step)
         self.step = self._restored.step
         self.image_size = int(self.config.image_size)
-        self.crop_fraction = float(self.config.dataset.get("crop_fraction", 1.0))
+        self.crop_fraction = float(self.config.dataset.crop_fraction)
         self.flip = bool(self.config.eval.flip)
         self.batch_size = batch_size
         self.embedding_dim = int(self._restored.model.embedding_dim)

@@ -18,7 +18,7 @@ from jfacerec.core.checkpoint import Checkpointer
 from jfacerec.data import pipeline
 from jfacerec.data.records import Source
 from jfacerec.losses import l2_normalize
-from jfacerec.models import FaceModel
+from jfacerec.models import FaceModel, xla_cpu
 
 
 @dataclasses.dataclass
@@ -50,7 +50,7 @@ def restore(config: ml_collections.ConfigDict, workdir: str, num_classes: int, *
     parallel.check_class_split(num_classes, mesh)
     model = models.from_config(config, num_classes)
     abstract = abstract_variables(model, config.image_size, mesh)
-    variables, step = Checkpointer(workdir).restore_variables(abstract, step)
+    variables, step = Checkpointer(workdir, read_only=True).restore_variables(abstract, step)
     return Restored(model, variables, step, mesh)
 
 
@@ -60,7 +60,7 @@ def make_embed_fn(model: FaceModel, *, flip: bool) -> Callable:
     With `flip`, the embedding is normalise(embed(x) + embed(flip_lr(x))), as in arcface_torch.
     """
 
-    @functools.partial(jax.jit, compiler_options=parallel.compiler_options())
+    @functools.partial(jax.jit, compiler_options=xla_cpu.compiler_options())
     def embed(variables, images):
         e = model.apply(variables, images, return_feats=True)
         if flip:
@@ -76,7 +76,7 @@ def make_logits_fn(model: FaceModel, *, flip: bool) -> Callable:
     With `flip`, the classifier scores the mean of the embeddings of x and flip_lr(x).
     """
 
-    @functools.partial(jax.jit, compiler_options=parallel.compiler_options())
+    @functools.partial(jax.jit, compiler_options=xla_cpu.compiler_options())
     def logits(variables, images):
         e = model.apply(variables, images, return_feats=True)
         if flip:

@@ -21,6 +21,7 @@ from jfacerec.core import workdir as workdir_files
 from jfacerec.core.checkpoint import Checkpointer
 from jfacerec.data import pipeline, sources
 from jfacerec.losses.objectives import Objective
+from jfacerec.models import xla_cpu
 from jfacerec.training.state import TrainState, abstract_train_state, init_state
 from jfacerec.training.step import make_train_step
 
@@ -130,9 +131,9 @@ def _train(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
         dataset.train, batch_size=config.batch_size, image_size=config.image_size,
         seed=config.seed, augment=pipeline.Augment(**config.input.augment),
         num_workers=config.input.num_workers, num_threads=config.input.num_threads,
-        worker_threads=config.input.get("worker_threads", 0),
+        worker_threads=config.input.worker_threads,
         process_index=jax.process_index(), process_count=jax.process_count(),
-        sampler=config.input.get("sampler", "random"), pk_images=config.input.get("pk_images", 4))
+        sampler=config.input.sampler, pk_images=config.input.pk_images)
     data_iter = iter(train_ds)
     _say(f"training data: {dataset.train!r}")
 
@@ -142,7 +143,7 @@ def _train(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
     train_step = jax.jit(make_train_step(model, tx, config, mesh),
                          in_shardings=(state_sharding, batch_sharding),
                          out_shardings=(state_sharding, parallel.replicated(mesh)),
-                         donate_argnums=0, compiler_options=parallel.compiler_options())
+                         donate_argnums=0, compiler_options=xla_cpu.compiler_options())
 
     # -- Resume or initialise, then write the workdir's files -------------------------------------
     checkpointer = Checkpointer(workdir, keep=config.keep_checkpoints)

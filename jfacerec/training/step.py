@@ -21,8 +21,8 @@ from jfacerec.training.state import TrainState
 
 def uses_sharded_head(config: ml_collections.ConfigDict) -> bool:
     """Whether the class weights are split over the mesh's `model` axis or sampled (PartialFC)."""
-    return (config.get("mesh", {}).get("model", 1) > 1
-            or config.loss.get("sample_rate", 1.0) < 1.0)
+    return (config.mesh.model > 1
+            or config.loss.sample_rate < 1.0)
 
 
 def make_train_step(model: FaceModel, tx: optax.GradientTransformation,
@@ -51,7 +51,7 @@ def make_train_step(model: FaceModel, tx: optax.GradientTransformation,
     def sharded_head(params, rng: jax.Array) -> sharded_softmax.ShardedHead:
         return sharded_softmax.ShardedHead(
             mesh, head_kind, head_scale, params["classifier"]["kernel"],
-            params["classifier"].get("bias"), config.loss.get("sample_rate", 1.0),
+            params["classifier"].get("bias"), config.loss.sample_rate,
             jax.random.fold_in(rng, sampler_tag))
 
     def step(state: TrainState, batch: dict[str, jax.Array]):

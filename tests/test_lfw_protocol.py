@@ -1,0 +1,39 @@
+"""python -m jfacerec.evaluation.lfw: one model per fold of an LFW pairs file, never trained on that
+fold's people."""
+
+import json
+import os
+
+import pytest
+
+from conftest import LFW, load_config, needs_lfw
+
+pytestmark = pytest.mark.slow
+
+@needs_lfw
+def test_lfw_protocol_on_two_view2_folds(tmp_path):
+    from jfacerec.evaluation import lfw
+
+    people = sorted(n for n in os.listdir(LFW) if len(os.listdir(os.path.join(LFW, n))) >= 3)
+    folds = [people[0:4], people[4:8]]
+    lines = ["2\t2"]
+    for a, b, c, d in folds:  # per fold: 2 matched then 2 mismatched pairs, disjoint people
+        lines += [f"{a}\t1\t2", f"{b}\t1\t3", f"{c}\t1\t{d}\t2", f"{a}\t3\t{d}\t1"]
+    pairs = tmp_path / "pairs.txt"
+    pairs.write_text("\n".join(lines) + "\n")
+    config = load_config("lfw.py:runlocal")
+    config.update(image_size=16, total_steps=4, checkpoint_every_steps=4, num_devices=1)
+    config.dataset.update(root=LFW, pairs=str(pairs), min_images=3)
+    results = lfw.run(config, str(tmp_path / "w"), folds=[0, 1])
+    assert [f["fold"] for f in results["per_fold"]] == [0, 1]
+    assert all(f["num_pairs"] == 4 for f in results["per_fold"])
+    assert results["threshold_selection"] == "best threshold on the other evaluated folds"
+    assert 0.0 <= results["accuracy_mean"] <= 1.0 and 0.0 <= results["auc"] <= 1.0
+    saved = json.loads((tmp_path / "w" / "lfw_results.json").read_text())
+    assert saved["accuracy_mean"] == results["accuracy_mean"]
+    assert os.path.getsize(tmp_path / "w" / "lfw_roc.png") > 1000
+    # Each fold's model never saw that fold's people.
+    for fold, names in enumerate(folds):
+        trained_on = json.loads((tmp_path / "w" / f"fold_{fold:02d}" / "identities.json")
+                                .read_text())
+        assert not set(names) & set(trained_on)
