@@ -219,3 +219,19 @@ def test_no_config_key_is_read_with_a_fallback_default_in_the_package():
                     found.append(f"{os.path.relpath(path, REPO)}:{node.lineno}: "
                                  f"{ast.unparse(node)}")
     assert not found, "config keys read with a default:\n" + "\n".join(found)
+
+
+def test_no_config_key_shares_a_name_with_a_configdict_attribute():
+    """`config.loss.center.update` would read ConfigDict.update (a method), and
+    `--config.loss.center.update=param` cannot be parsed: such keys can never be used."""
+    import ml_collections
+
+    def keys(d, prefix=""):
+        for key, value in d.items():
+            yield prefix + key, key
+            if isinstance(value, ml_collections.ConfigDict):
+                yield from keys(value, f"{prefix}{key}.")
+
+    shadowed = [path for path, key in keys(config_base.base_config())
+                if hasattr(ml_collections.ConfigDict, key)]
+    assert not shadowed, f"rename these config keys: {shadowed}"

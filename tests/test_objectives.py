@@ -71,7 +71,7 @@ def test_margin_head_gives_scaled_cosine_logits_at_eval():
 @pytest.mark.parametrize("update", ["rule", "param"])
 def test_center_loss_moves_the_centres(update):
     config = tiny("center")
-    config.loss.center.update = update
+    config.loss.center.method = update
     _, state, history = take_steps(config, 3)
     chex.assert_shape(state.centers, (6, 128))
     assert float(jnp.abs(state.centers).sum()) > 0  # moved from zero towards the features

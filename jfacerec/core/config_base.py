@@ -71,7 +71,7 @@ def base_config() -> ml_collections.ConfigDict:
                         lambda_min=5.0),
         combined=dict(scale=32.0, m1=1.0, m2=0.3, m3=0.2),
         triplet=dict(margin=0.2, mining="batch_all"),
-        center=dict(update="rule", alpha=0.5, learning_rate=0.5)))
+        center=dict(method="rule", alpha=0.5, learning_rate=0.5)))
     c.optimizer = ml_collections.ConfigDict(dict(
         name="sgd", learning_rate=0.1, momentum=0.9, nesterov=True, b1=0.9, b2=0.999,
         weight_decay=5e-4, warmup_steps=100, schedule="cosine", grad_clip_norm=0.0))

@@ -22,7 +22,7 @@ _TERM = re.compile(r"^\s*(?:([0-9.eE+-]+)\s*\*\s*)?([a-z_]+)\s*$")
 
 # Options that configure how a term is driven rather than the loss function itself.
 _SPHEREFACE_SCHEDULE = ("lambda_base", "lambda_gamma", "lambda_power", "lambda_min")
-_CENTER_OPTIONS = ("update", "alpha", "learning_rate")
+_CENTER_OPTIONS = ("method", "alpha", "learning_rate")
 
 
 def parse_terms(expression: str) -> list[tuple[float, str]]:
@@ -73,7 +73,7 @@ class Objective:
             terms=tuple(terms), label_smoothing=loss_cfg.label_smoothing,
             explicit_triplets=explicit,
             sphereface_schedule={k: sphere[k] for k in _SPHEREFACE_SCHEDULE},
-            center_update=center.update, center_alpha=center.alpha,
+            center_update=center.method, center_alpha=center.alpha,
             center_learning_rate=center.learning_rate)
 
     def kinds(self) -> set[str]:
