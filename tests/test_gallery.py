@@ -1,22 +1,17 @@
 """python -m jfacerec.gallery enroll | identify: a pickle-free gallery, top-k matches, and galleries
 of other models refused."""
 
-import csv
 import os
 
 import numpy as np
 import pytest
 
 import jfacerec
-from conftest import run_module
+from conftest import read_csv, run_module
 from jfacerec.inference.gallery import Gallery
 
 pytestmark = pytest.mark.slow
 
-
-def read_csv(path):
-    with open(path, newline="") as f:
-        return list(csv.reader(f))
 
 def test_gallery_commands_enroll_identify_and_refuse_other_models(hw2p2_model, tmp_path):
     workdir, root, _, known = hw2p2_model

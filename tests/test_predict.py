@@ -1,19 +1,14 @@
 """python -m jfacerec.predict: the HW2P2 submission files from a trained workdir."""
 
-import csv
 import json
 import os
 
 import pytest
 
-from conftest import run_module
+from conftest import read_csv, run_module
 
 pytestmark = pytest.mark.slow
 
-
-def read_csv(path):
-    with open(path, newline="") as f:
-        return list(csv.reader(f))
 
 def test_predict_writes_the_submission_files(hw2p2_model, tmp_path):
     workdir, root, train_people, known = hw2p2_model

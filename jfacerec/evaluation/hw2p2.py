@@ -1,11 +1,5 @@
-"""The HW2P2 course's submission files, from a model trained on its layout (`predict`):
-- OUT/classification.csv (`id,label`): the training identity of each image of classification/test/;
-- OUT/verification.csv (`id,label`): for each image of verification/unknown_<split>/, the identity
-  of verification/known/ it shows, or n000000 for someone not there. The unknown threshold is the
-  one that maximises accuracy on verification/unknown_dev against dev_identities.csv.
-Dev accuracies are printed and written to OUT/report.json wherever labels exist. Every file is
-written atomically: an interrupted run leaves the previous files whole.
-"""
+"""The HW2P2 course's submission CSVs and dev report from a trained workdir: the library behind
+`python -m jfacerec.predict`, whose docstring gives the layout read and the files written."""
 
 from __future__ import annotations
 
