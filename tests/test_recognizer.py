@@ -46,3 +46,17 @@ def test_identify_api_with_mean_gallery_finds_enrolled_images(hw2p2_model):
     assert all(m.known and len(m.candidates) == 3 for m in matches)
     rejected = model.identify(queries, gallery, threshold=1.01)
     assert [m.name for m in rejected] == ["n000000"] * len(known)
+
+
+def test_load_restores_the_step_it_is_asked_for(tmp_path):
+    from conftest import tiny_config
+    from jfacerec.data.synthetic import render_faces
+    from jfacerec.training import train
+
+    workdir = str(tmp_path / "w")
+    train(tiny_config(total_steps=20, checkpoint_every_steps=10), workdir)
+    faces = render_faces([0, 1], [0, 0], image_size=16)
+    early, newest = jfacerec.load(workdir, step=10), jfacerec.load(workdir)
+    assert (early.step, newest.step) == (10, 20)
+    assert early.fingerprint != newest.fingerprint
+    assert not np.allclose(early.embed(faces), newest.embed(faces))
