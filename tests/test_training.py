@@ -116,3 +116,10 @@ def test_mismatched_config_is_refused_on_resume(tmp_path):
     train(tiny_config(total_steps=5), str(tmp_path))
     with pytest.raises(ValueError, match="other shapes"):
         train(tiny_config(total_steps=10, **{"model.embedding_dim": 64}), str(tmp_path))
+
+
+def test_evaluating_a_folder_without_checkpoints_names_it_and_creates_nothing(tmp_path):
+    missing = tmp_path / "not_a_workdir"
+    with pytest.raises(FileNotFoundError, match="no checkpoint"):
+        evaluate(tiny_config(), str(missing))
+    assert not missing.exists()
