@@ -312,8 +312,12 @@ class Checkpointer:
         self._finish_saves()
 
     def close(self) -> None:
-        self._finish_saves()
-        self.manager.close()
+        """Finishes the started saves (raising a failed save's error) and stops orbax's
+        threads, even when a save failed."""
+        try:
+            self._finish_saves()
+        finally:
+            self.manager.close()
 
 
 def _unverified_damage(where: str, what: str) -> DamagedCheckpointError:

@@ -187,10 +187,23 @@ def _parse_flags(argv: list[str]) -> list[str]:
         _fail(_parse_error_message(e, argv), USAGE_ERROR)
 
 
+def _quiet_closed_loops(unraisable: Any) -> None:
+    """sys.unraisablehook that drops asyncio's "Event loop is closed": when one of orbax's
+    parallel array writes fails (a full disk), orbax closes its event loop while tensorstore
+    still completes the others, and each completion would print a traceback under the error
+    line."""
+    if not (isinstance(unraisable.exc_value, RuntimeError)
+            and str(unraisable.exc_value) == "Event loop is closed"):
+        sys.__unraisablehook__(unraisable)
+
+
 def _main_with_usage_errors(main: Callable[[list[str]], Any], argv: list[str]) -> Any:
-    """main(argv), with the libraries' logs shown only under --verbose, and app.UsageError as one
-    line (absl would print the module's docstring with it) and exit status 2."""
+    """main(argv), with the libraries' logs (and stray tracebacks of their threads) shown only
+    under --verbose, and app.UsageError as one line (absl would print the module's docstring
+    with it) and exit status 2."""
     logging.set_verbosity(logging.WARNING if _verbose() else logging.FATAL)
+    if not _verbose():
+        sys.unraisablehook = _quiet_closed_loops
     try:
         return main(argv)
     except app.UsageError as e:
