@@ -24,10 +24,14 @@ LAYERS: Layers = [
     ("training | inference", {"training": ["jfacerec.training"],
                               # jfacerec.matcher re-exports jfacerec.inference.matcher
                               "inference": ["jfacerec.inference", "jfacerec.matcher"]}),
+    # Weights in and out (arcface_torch, ONNX): writes workdirs as training does, restores and
+    # embeds as inference does.
+    ("interop", {"interop": ["jfacerec.interop"]}),
     ("evaluation", {"evaluation": ["jfacerec.evaluation"]}),
     # The root __init__ lazily imports inference.
     ("commands", {"commands": ["jfacerec.train", "jfacerec.evaluate", "jfacerec.predict",
-                               "jfacerec.gallery", "=jfacerec"]}),
+                               "jfacerec.gallery", "jfacerec.convert", "jfacerec.export",
+                               "=jfacerec"]}),
 ]
 
 

@@ -74,7 +74,12 @@ def base_config() -> ml_collections.ConfigDict:
         center=dict(method="rule", alpha=0.5, learning_rate=0.5)))
     c.optimizer = ml_collections.ConfigDict(dict(
         name="sgd", learning_rate=0.1, momentum=0.9, nesterov=True, b1=0.9, b2=0.999,
-        weight_decay=5e-4, warmup_steps=100, schedule="cosine", grad_clip_norm=0.0))
+        weight_decay=5e-4, warmup_steps=100, schedule="cosine", grad_clip_norm=0.0,
+        # the backbone's learning rate over the head's (0 freezes the backbone: a fine-tune)
+        backbone_multiplier=1.0))
+    # Weights to start from before step 0 (a fine-tune): a workdir (its newest checkpoint),
+    # "WORKDIR:STEP", or a converted model's workdir (python -m jfacerec.convert). "": none.
+    c.init_from = ""
     c.dataset = dataset()
     # num_threads=0 reads in the training loop's thread, which async dispatch already overlaps
     # with the step: reading threads only contend with it for the GIL (benchmarks/README.md,
@@ -85,7 +90,11 @@ def base_config() -> ml_collections.ConfigDict:
         augment=dict(flip=True, min_scale=0.8, max_aspect_change=0.1, brightness=0.0,
                      contrast=0.0, saturation=0.0)))
     c.eval = ml_collections.ConfigDict(dict(
-        batch_size=256, flip=True, num_pairs=3000, folds=10))
+        batch_size=256, flip=True, num_pairs=3000, folds=10,
+        # validation during training: every `every_steps` steps (0: never) on `sets`, comma-
+        # separated `.bin` files and/or "unseen" (the dataset's unseen-identity pairs); the best
+        # checkpoint by `best_metric` ("SET/METRIC"; "": the first set's accuracy) is kept too
+        every_steps=0, sets="", best_metric=""))
     # The eigenfaces baseline of the ORL protocol (jfacerec.evaluation.orl).
     c.eigenfaces = ml_collections.ConfigDict(dict(components=40))
     return c
@@ -102,7 +111,7 @@ def dataset(**keys: Any) -> ml_collections.ConfigDict:
         # synthetic: procedural identities
         seed=0, num_identities=100, train_images=64, test_images=6, num_unseen_identities=200,
         unseen_images=10,
-        # the sources that read files: folder, arrayrecord, hw2p2, lfw, orl
+        # the sources that read files: folder, arrayrecord, recordio, hw2p2, lfw, orl
         root="", unseen_root="", min_images=1,
         crop_fraction=1.0,  # the central part of each image that holds the face
         cache=True,  # keep decoded faces in memory
@@ -111,6 +120,8 @@ def dataset(**keys: Any) -> ml_collections.ConfigDict:
         pairs="", fold=-1,
         # orl: the seed of the random split, the known subjects (0: all), the open-set ones
         split=0, known_identities=0, open_set_known=30,
+        # folder: a CSV `path,x1,y1,...,x5,y5` of five landmarks per image to align by ("": none)
+        landmarks="",
         # tfds: a prepared TFDS dataset ("" data_dir: TFDS's default)
         tfds_name="", data_dir="", tfds_split="train", tfds_unseen_split="", image_key="image",
         label_key="label"))

@@ -215,6 +215,12 @@ def orl_dataset(d: ml_collections.ConfigDict, image_size: int) -> FaceDataset:
                        tuple(files.names[i] for i in known))
 
 
+def recordio_dataset(d: ml_collections.ConfigDict, image_size: int) -> FaceDataset:
+    from jfacerec.data.recordio import recordio_dataset as build
+
+    return build(d, image_size)
+
+
 def tfds_dataset(d: ml_collections.ConfigDict, image_size: int) -> FaceDataset:
     from jfacerec.data.tfds_source import tfds_dataset as build  # optional dependency
 
@@ -243,6 +249,8 @@ _DATASETS: dict[str, Source] = {
                      + _SCANNED, required=("root",)),
     "arrayrecord": Source(arrayrecord_dataset, ("root", "test_images", "unseen_root") + _DECODED,
                           required=("root",)),
+    "recordio": Source(recordio_dataset, ("root", "test_images", "unseen_root", "strict")
+                       + _DECODED, required=("root",)),
     "hw2p2": Source(hw2p2_dataset, ("root",) + _SCANNED, required=("root",)),
     "lfw": Source(lfw_dataset, ("root", "pairs", "fold", "min_images", "test_images") + _SCANNED,
                   required=("root",)),
