@@ -1,6 +1,8 @@
 """python -m jfacerec.train --config configs/NAME.py --workdir DIR [--config.KEY=VALUE ...]
 
-Trains, or resumes from the newest checkpoint in DIR.
+Trains, or resumes from the newest checkpoint in DIR; validates every `eval.every_steps` steps
+on `eval.sets` (figures in metrics.jsonl, TensorBoard and DIR/validation.png; the best checkpoint
+kept); starts a new run from `init_from`'s weights (a fine-tune). Draws DIR/training.png at the end.
 """
 
 from __future__ import annotations
@@ -17,9 +19,14 @@ def main(argv):
     from jfacerec.core import parallel
 
     parallel.maybe_initialize_distributed()
+    import jax
+
+    from jfacerec.evaluation import plots, validation
     from jfacerec.training import NonFiniteLossError, train  # after distributed init
     with cli.exit_on_user_error(NonFiniteLossError, output=workdir):
-        train(config, workdir)
+        train(config, workdir, validation.from_config(config))
+        if jax.process_index() == 0:
+            plots.training_curves(workdir)
 
 
 if __name__ == "__main__":

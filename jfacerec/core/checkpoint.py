@@ -15,6 +15,11 @@ content, or that orbax cannot read, is damaged: it is skipped with a DamagedChec
 the newest intact step, and when none is intact a one-line DamagedCheckpointError names what is
 damaged. A step without a manifest (written by jfacerec 0.1, or finished by a run killed before
 recording it) is tried unverified: orbax failing to read it, or NaN in its arrays, is damage too.
+
+The best step. Validation during training names a step the best so far (`save(..., best=...)`);
+once that step is recorded intact, `checkpoints/best.json` says which it is, by which metric and
+value (written atomically), and rotation keeps it beside the newest `keep`. `select_step` turns
+`checkpoint="best"` into its step number for restoring.
 """
 
 from __future__ import annotations
@@ -35,6 +40,7 @@ from jfacerec.core.atomic import atomic_open
 
 FORMAT_VERSION = 1
 MANIFEST = "sha256.json"
+BEST = "best.json"  # in checkpoints/: {"step", "metric", "value"} of the best validated step
 _SET_ASIDE = ".damaged"  # suffix of the directories of damaged steps moved out of orbax's sight
 
 T = TypeVar("T")
@@ -131,7 +137,7 @@ def _one_line(e: BaseException) -> str:
 
 class Checkpointer:
     """Saves train states asynchronously, records each finished one in its manifest and keeps the
-    newest `keep`; restores a given step, or the newest intact one."""
+    newest `keep` and the best validated one; restores a given step, or the newest intact one."""
 
     def __init__(self, workdir: str, *, keep: int = 3, async_save: bool = True,
                  read_only: bool = False):
@@ -146,6 +152,9 @@ class Checkpointer:
         self.manager = ocp.CheckpointManager(self.directory, options=options,
                                              item_names=("state", "data", "meta"))
         self._unrecorded: list[int] = []  # steps saved by this object, without a manifest yet
+        self._best_pending: dict[int, dict] = {}  # their best records, written once recorded
+        best = None if read_only else self.best()
+        self._best_step = None if best is None else best["step"]  # never rotated out
 
     def step_dir(self, step: int) -> str:
         return os.path.join(self.directory, str(step))
@@ -154,9 +163,26 @@ class Checkpointer:
         """The newest step on disk, intact or not."""
         return self.manager.latest_step()
 
-    def save(self, step: int, state: Any, data_state: dict | None) -> None:
+    def best(self) -> dict | None:
+        """{"step", "metric", "value"} of the best validated step, or None when validation named
+        none or that step is no longer on disk (moved aside after damage)."""
+        path = os.path.join(self.directory, BEST)
+        if not os.path.isfile(path):
+            return None
+        try:
+            with open(path) as f:
+                best = json.load(f)
+            step = int(best["step"])
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise ValueError(f"{path} is unreadable ({type(e).__name__}: {e}); delete it, and "
+                             f"the newest checkpoint will be taken for the best") from e
+        return best if step in self.manager.all_steps() else None
+
+    def save(self, step: int, state: Any, data_state: dict | None, *,
+             best: dict | None = None) -> None:
         """Starts saving `state` (a pytree of finite arrays) and the iterator state at `step`,
-        once the previous save is finished, recorded and rotated."""
+        once the previous save is finished, recorded and rotated. `best` ({"metric", "value"})
+        names this step the best so far: recorded in best.json once the step is intact."""
         self._finish_saves()
         meta = {"format_version": FORMAT_VERSION, "step": step,
                 "param_shapes": _shapes(state.params)}
@@ -165,26 +191,36 @@ class Checkpointer:
                 data=ocp.args.JsonSave(data_state or {}),
                 meta=ocp.args.JsonSave(meta))):
             self._unrecorded.append(step)
+            if best is not None:
+                self._best_pending[step] = {"step": step, **best}
 
     def _finish_saves(self) -> None:
         """Waits for the started saves, records their manifests (process 0), then rotates.
         A save that failed is no longer among orbax's steps, and is not recorded."""
         self.manager.wait_until_finished()
         finished = [s for s in self._unrecorded if s in self.manager.all_steps()]
-        self._unrecorded = []
+        pending, self._unrecorded, self._best_pending = self._best_pending, [], {}
         if not finished:
             return
-        if jax.process_index() == 0:
-            for step in finished:
+        for step in finished:
+            if jax.process_index() == 0:
                 write_manifest(self.step_dir(step))
+            if step in pending:
+                # After the manifest: best.json never names a step that is not intact.
+                if jax.process_index() == 0:
+                    with atomic_open(os.path.join(self.directory, BEST)) as f:
+                        json.dump(pending[step], f, indent=1, sort_keys=True)
+                self._best_step = step
         self._rotate()
 
     def _rotate(self) -> None:
-        """Deletes the steps older than the newest `keep` (the newest was just recorded intact).
-        Every process calls it on the same steps; orbax deletes on process 0."""
+        """Deletes the steps older than the newest `keep` (the newest was just recorded intact),
+        except the best one. Every process calls it on the same steps; orbax deletes on
+        process 0."""
         steps = sorted(self.manager.all_steps())
         for step in steps[:max(len(steps) - self.keep, 0)]:
-            self.manager.delete(step)
+            if step != self._best_step:
+                self.manager.delete(step)
 
     def newest_verified_step(self) -> int | None:
         """The newest step whose files match its manifest: one saved intact by this jfacerec,
@@ -238,6 +274,8 @@ class Checkpointer:
                 os.rename(self.step_dir(s), target)
         parallel.barrier(f"jfacerec-checkpoints-set-aside-after-{step}")
         self.manager.reload()
+        if self._best_step in newer:
+            self._best_step = None
         return moved
 
     @staticmethod
@@ -318,6 +356,29 @@ class Checkpointer:
             self._finish_saves()
         finally:
             self.manager.close()
+
+
+def select_step(workdir: str, *, step: int | None = None, checkpoint: str = "latest") -> int | None:
+    """The step to restore from `workdir`: `step` when given; with `checkpoint="best"` the best
+    validated step (checkpoints/best.json); else None, the newest intact one.
+
+    FileNotFoundError when "best" is asked of a workdir whose training recorded no best step;
+    ValueError for another `checkpoint`, or for both a `step` and "best".
+    """
+    if checkpoint not in ("latest", "best"):
+        raise ValueError(f"checkpoint={checkpoint!r}: choose 'latest' or 'best'")
+    if checkpoint == "latest":
+        return step
+    if step is not None:
+        raise ValueError(f"both step={step} and checkpoint='best' were asked for; give one")
+    checkpointer = Checkpointer(workdir, read_only=True)
+    best = checkpointer.best()
+    if best is None:
+        raise FileNotFoundError(
+            f"no best checkpoint in {checkpointer.directory} (no {BEST}, or its step is gone): "
+            f"train with --config.eval.every_steps=N --config.eval.sets=unseen to keep one, or "
+            f"load the newest")
+    return int(best["step"])
 
 
 def _unverified_damage(where: str, what: str) -> DamagedCheckpointError:

@@ -1,7 +1,7 @@
-"""Plots written beside the JSON results: ROC curves, score histograms, training curves."""
+"""Plots written beside the JSON results: ROC curves, score histograms, training and validation
+curves."""
 
 from __future__ import annotations
-
 
 import matplotlib
 
@@ -11,6 +11,8 @@ import numpy as np  # noqa: E402
 
 from jfacerec import metrics  # noqa: E402
 from jfacerec.core import workdir as workdir_files  # noqa: E402
+
+VALIDATION_PLOT = "validation.png"  # beside training.png; to move to core/workdir.py
 
 
 def roc_plot(path: str, curves: dict[str, tuple[np.ndarray, np.ndarray]]) -> None:
@@ -50,8 +52,12 @@ def score_histogram(path: str, scores: np.ndarray, same: np.ndarray,
 
 
 def training_curves(workdir: str) -> str | None:
-    """Loss, accuracy and learning rate from WORKDIR/metrics.jsonl -> WORKDIR/training.png."""
-    rows = workdir_files.read_metrics(workdir)
+    """Loss, accuracy and learning rate from WORKDIR/metrics.jsonl -> WORKDIR/training.png, and
+    the validation figures, when there are any, -> WORKDIR/validation.png (`validation_curves`).
+    Returns training.png's path (None without training records)."""
+    records = workdir_files.read_metrics(workdir)
+    validation_curves(workdir, [r for r in records if "loss" not in r])
+    rows = [r for r in records if "loss" in r]  # validation records have their own figure
     if not rows:
         return None
     steps = [r["step"] for r in rows]
@@ -64,6 +70,31 @@ def training_curves(workdir: str) -> str | None:
         ax.grid(True, alpha=0.3)
     fig.tight_layout()
     out = workdir_files.path(workdir, workdir_files.TRAINING_PLOT)
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out
+
+
+def validation_curves(workdir: str, records: list[dict[str, float]]) -> str | None:
+    """The `val/<set>/<metric>` records of metrics.jsonl -> WORKDIR/validation.png: one panel per
+    metric, one line per set. Returns its path (None without such records)."""
+    keys = sorted({k for r in records for k in r if k.startswith("val/")})
+    if not keys:
+        return None
+    metrics_names = sorted({k.rsplit("/", 1)[1] for k in keys},
+                           key=lambda m: (m != "accuracy", m))
+    fig, axes = plt.subplots(1, len(metrics_names), figsize=(4 * len(metrics_names), 3.2),
+                             squeeze=False)
+    for ax, metric in zip(axes[0], metrics_names):
+        for key in (k for k in keys if k.endswith(f"/{metric}")):
+            points = [(r["step"], r[key]) for r in records if key in r]
+            ax.plot(*zip(*points), marker="o", markersize=3, label=key.split("/")[1])
+        ax.set_title(f"validation {metric}")
+        ax.set_xlabel("step")
+        ax.grid(True, alpha=0.3)
+        ax.legend(fontsize="small")
+    fig.tight_layout()
+    out = workdir_files.path(workdir, VALIDATION_PLOT)
     fig.savefig(out, dpi=110)
     plt.close(fig)
     return out

@@ -14,7 +14,7 @@ from tqdm.auto import tqdm
 
 from jfacerec import models
 from jfacerec.core import parallel
-from jfacerec.core.checkpoint import Checkpointer
+from jfacerec.core.checkpoint import Checkpointer, select_step
 from jfacerec.data import pipeline
 from jfacerec.data.records import Source
 from jfacerec.losses import l2_normalize
@@ -42,10 +42,12 @@ def abstract_variables(model: FaceModel, image_size: int,
 
 
 def restore(config: ml_collections.ConfigDict, workdir: str, num_classes: int, *,
-            step: int | None = None) -> Restored:
-    """The model of `config` with the weights of a checkpoint in `workdir`: `step`, or else the
+            step: int | None = None, checkpoint: str = "latest") -> Restored:
+    """The model of `config` with the weights of a checkpoint in `workdir`: `step`; with
+    `checkpoint="best"` the best validated step (see `core.checkpoint.select_step`); or else the
     newest intact one (a damaged checkpoint is skipped with a warning; see core/checkpoint.py).
     Its parameters and BatchNorm statistics only, not the optimizer state."""
+    step = select_step(workdir, step=step, checkpoint=checkpoint)
     mesh = parallel.mesh_from_config(config)  # a model-split head restores split
     parallel.check_class_split(num_classes, mesh)
     model = models.from_config(config, num_classes)

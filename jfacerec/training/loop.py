@@ -1,7 +1,9 @@
 """The training loop: config -> model, optimizer, sharded jitted step, checkpoints and logs.
 
-`train(config, workdir)` reads top to bottom like big_vision's train.py: workdir and logging;
-mesh; input pipeline; model and optimizer; shardings and the jitted step; resume; the loop.
+`train(config, workdir, validate)` reads top to bottom like big_vision's train.py: workdir and
+logging; mesh; input pipeline; model and optimizer; shardings and the jitted step; resume (or a
+fine-tune's start); the loop, validating every `config.eval.every_steps` steps when a `validate`
+callback is given (the evaluation layer builds it: jfacerec.evaluation.validation).
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ import contextlib
 import json
 import os
 import time
+from typing import Any, Protocol
 
 import jax
 import ml_collections
@@ -22,6 +25,7 @@ from jfacerec.core.checkpoint import Checkpointer
 from jfacerec.data import pipeline, sources
 from jfacerec.losses.objectives import Objective
 from jfacerec.models import xla_cpu
+from jfacerec.training import init_from
 from jfacerec.training.state import TrainState, abstract_train_state, init_state
 from jfacerec.training.step import make_train_step
 
@@ -35,6 +39,40 @@ def _say(message: str) -> None:
 class NonFiniteLossError(RuntimeError):
     """The loss, the gradients or the train state became NaN or infinite; the run stopped before
     saving anything from that point."""
+
+
+class Validator(Protocol):
+    """Validation during training: `validator(variables, step)` -> {"val/<set>/<metric>": value}.
+
+    It must leave the variables ({"params", "batch_stats"}) unchanged and draw nothing from the
+    training's random streams or data. `best_key` is the figure that picks the best checkpoint,
+    `higher_is_better` its direction.
+    """
+
+    best_key: str
+    higher_is_better: bool
+
+    def __call__(self, variables: dict[str, Any], step: int) -> dict[str, float]: ...
+
+
+class _Best:
+    """The best validation figure so far and whether a new one beats it."""
+
+    def __init__(self, validator: Validator, saved: dict | None):
+        self.key, self.higher = validator.best_key, validator.higher_is_better
+        self.value = saved["value"] if saved is not None and saved["metric"] == self.key else None
+
+    def improved_by(self, figures: dict[str, float]) -> bool:
+        new = figures.get(self.key)
+        if new is None:
+            raise ValueError(f"eval.best_metric {self.key!r} is not among the validation figures "
+                             f"{sorted(figures)}; set --config.eval.best_metric=SET/METRIC")
+        if not np.isfinite(new):
+            return False
+        if self.value is None or (new > self.value if self.higher else new < self.value):
+            self.value = new
+            return True
+        return False
 
 
 class _Logger:
@@ -55,14 +93,15 @@ class _Logger:
         from tensorboardX import SummaryWriter  # deferred: only process 0 writes events
         self.writer = SummaryWriter(workdir_files.path(workdir, workdir_files.TENSORBOARD))
 
-    def write(self, record: dict[str, float]) -> None:
+    def write(self, record: dict[str, float], prefix: str = "train/") -> None:
+        """One line of metrics.jsonl; TensorBoard's tags are `prefix` + key."""
         if not self.enabled:
             return
         with open(self.path, "a") as f:
             f.write(json.dumps(record) + "\n")
         for key, value in record.items():
             if key != "step":
-                self.writer.add_scalar(f"train/{key}", value, record["step"])
+                self.writer.add_scalar(f"{prefix}{key}", value, record["step"])
         self.writer.flush()
 
     def close(self) -> None:
@@ -104,8 +143,14 @@ def _record(metrics: list[dict], step: int, batch_size: int, elapsed: float) -> 
     return record
 
 
-def train(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
+def train(config: ml_collections.ConfigDict, workdir: str,
+          validate: Validator | None = None) -> TrainState:
     """Trains (or resumes) the model of `config`, writing everything under `workdir`.
+
+    A new run starts from `config.init_from`'s weights when it names a workdir; a resumed one
+    from its own checkpoint. With `validate` and `config.eval.every_steps`, the model is
+    validated every that many steps (and at the last): its figures go to metrics.jsonl and
+    TensorBoard, and the best step by `validate.best_key` is checkpointed and kept.
 
     Process 0 holds the workdir's lock throughout: a second trainer there raises
     WorkdirLockedError at once. A refused run (a config that does not fit the checkpoint, no
@@ -114,10 +159,11 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
     os.makedirs(workdir, exist_ok=True)
     held = lock.exclusive(workdir) if jax.process_index() == 0 else contextlib.nullcontext()
     with held:
-        return _train(config, workdir)
+        return _train(config, workdir, validate if config.eval.every_steps else None)
 
 
-def _train(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
+def _train(config: ml_collections.ConfigDict, workdir: str,
+           validate: Validator | None) -> TrainState:
     # -- Device mesh ------------------------------------------------------------------------------
     mesh = parallel.mesh_from_config(config)
     n_dev = mesh.devices.size
@@ -159,6 +205,9 @@ def _train(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
         init = jax.jit(lambda rng: init_state(model, tx, config.image_size, rng, objective),
                        out_shardings=state_sharding)
         state, start = init(jax.random.key(config.seed)), 0
+        if config.init_from:
+            state, said = init_from.load_into(state, config.init_from, mesh)
+            _say(said)
     if jax.process_index() == 0:
         workdir_files.write_config(config, workdir)
         if dataset.names is not None:
@@ -169,6 +218,10 @@ def _train(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
 
     # -- The loop ---------------------------------------------------------------------------------
     logger = _Logger(workdir, start)
+    saved_best = checkpointer.best()
+    # A best step after the one resumed from was set aside as damaged: its figure is void.
+    best = None if validate is None else _Best(
+        validate, saved_best if saved_best is not None and saved_best["step"] <= start else None)
     last_record: dict[str, float] = {}
     pending: list[dict] = []  # metrics of steps since the last log, still on device
     interval_start, interval_first = time.perf_counter(), start
@@ -196,10 +249,20 @@ def _train(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
                 bar.set_postfix(loss=f"{record['loss']:.3f}", acc=f"{record['accuracy']:.2f}",
                                 img_s=f"{record['images_per_second']:.0f}")
                 pending, interval_start, interval_first = [], time.perf_counter(), done
-            if done % config.checkpoint_every_steps == 0 or last:
+            new_best = None
+            if validate is not None and (done % config.eval.every_steps == 0 or last):
+                _check_finite(jax.device_get(pending), interval_first, checkpointer)
+                began = time.perf_counter()
+                figures = validate({"params": state.params, "batch_stats": state.batch_stats},
+                                   done)
+                logger.write({"step": done, **figures}, prefix="")
+                if best.improved_by(figures):
+                    new_best = {"metric": best.key, "value": best.value}
+                interval_start += time.perf_counter() - began  # not in images/s
+            if done % config.checkpoint_every_steps == 0 or last or new_best is not None:
                 # Every step since the last log; the steps before were checked when logged.
                 _check_finite(jax.device_get(pending), interval_first, checkpointer)
-                checkpointer.save(done, state, data_iter.get_state())
+                checkpointer.save(done, state, data_iter.get_state(), best=new_best)
             bar.update(1)
     finally:
         bar.close()

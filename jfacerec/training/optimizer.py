@@ -1,8 +1,10 @@
-"""The optimizers: SGD with momentum or AdamW, warmup + cosine schedule, decoupled weight decay."""
+"""The optimizers: SGD with momentum or AdamW, warmup + cosine schedule, decoupled weight decay,
+and the backbone's learning rate as a multiple of the head's (a fine-tune)."""
 
 from __future__ import annotations
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 import optax
 
@@ -37,7 +39,30 @@ def make_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransform
         raise ValueError(f"unknown optimizer {o.name!r}; choose 'sgd' or 'adamw'")
     if o.grad_clip_norm:
         tx = optax.chain(optax.clip_by_global_norm(o.grad_clip_norm), tx)
+    if o.backbone_multiplier != 1.0:
+        # Only then: the chain's state gains an entry, which checkpoints of other runs lack.
+        tx = optax.chain(tx, scale_backbone(o.backbone_multiplier))
     return tx
+
+
+HEAD = "classifier"  # the params subtree of the class weights; every other one is the backbone's
+
+
+def scale_backbone(multiplier: float) -> optax.GradientTransformation:
+    """Multiplies the updates of every parameter outside `params["classifier"]` by `multiplier`:
+    the backbone's learning rate (and its weight decay, applied through the update) times
+    `multiplier`. 0 freezes the backbone: its updates are exact zeros, its parameters unchanged."""
+    if multiplier < 0:
+        raise ValueError(f"optimizer.backbone_multiplier is {multiplier}: use 0 (frozen) or more")
+
+    def update(updates, state, params=None):
+        del params
+        scaled = {name: tree if name == HEAD else
+                  jax.tree.map(lambda u: u * jnp.asarray(multiplier, u.dtype), tree)
+                  for name, tree in updates.items()}
+        return scaled, state
+
+    return optax.GradientTransformation(lambda params: optax.EmptyState(), update)
 
 
 def center_optimizer(objective: Objective) -> optax.GradientTransformation:

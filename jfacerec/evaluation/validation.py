@@ -1,0 +1,170 @@
+"""Validation during training: the verification figures of `config.eval.sets` every
+`config.eval.every_steps` steps, for `training.train(config, workdir, validate)`.
+
+    validate = validation.from_config(config)      # None when eval.every_steps is 0
+    train(config, workdir, validate)
+
+`config.eval.sets` is comma-separated: "unseen" (the dataset's unseen identities, in pairs drawn as
+the evaluator draws them: `protocols.make_pairs` with the config's seed, so every step is measured
+on the same pairs) and/or `.bin` verification files (insightface's lfw.bin, cfp_fp.bin, ...). Each
+set gives `val/<set>/<metric>`, `<set>` being "unseen" or the file name without `.bin`, for the
+metrics accuracy (k-fold), accuracy_std, auc, eer and tar@far=1e-3. The best checkpoint is picked
+by `config.eval.best_metric` ("SET/METRIC"; "": the first set's accuracy).
+
+Validation reads the variables and nothing else of the training: no random stream, no batch, no
+update, so a run validates without changing a bit of its parameters.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from jfacerec import models
+from jfacerec.core import parallel
+from jfacerec.data import sources
+from jfacerec.evaluation import protocols
+from jfacerec.evaluation.evaluator import cosine_of_pairs, verification_metrics
+from jfacerec.inference.restore import make_embed_fn, run_over
+
+UNSEEN = "unseen"
+METRICS = ("accuracy", "accuracy_std", "auc", "eer", "tar@far=1e-3")
+LOWER_IS_BETTER = frozenset({"accuracy_std", "eer"})
+
+Variables = dict[str, Any]  # {"params", "batch_stats"}
+Measure = Callable[[Variables], dict[str, float]]  # variables -> {metric: value} of one set
+
+
+@dataclasses.dataclass
+class Validation:
+    """The validator that `training.train` calls (a `training.Validator`): every set's figures
+    as {"val/<set>/<metric>": value}."""
+
+    measures: dict[str, Measure]  # set name -> its measure
+    best_key: str
+    higher_is_better: bool
+
+    def __call__(self, variables: Variables, step: int) -> dict[str, float]:
+        del step  # every step is measured alike
+        return {f"val/{name}/{metric}": float(value)
+                for name, measure in self.measures.items()
+                for metric, value in measure(variables).items()}
+
+
+def set_name(spec: str) -> str:
+    """"unseen", or a .bin file's name without `.bin`."""
+    return UNSEEN if spec == UNSEEN else os.path.basename(spec).removesuffix(".bin")
+
+
+def set_specs(config: ml_collections.ConfigDict) -> list[str]:
+    """The entries of `config.eval.sets`, checked: "unseen" or existing `.bin` files, with
+    distinct names. ValueError/FileNotFoundError naming the entry and the fix."""
+    specs = [s.strip() for s in config.eval.sets.split(",") if s.strip()]
+    if not specs:
+        raise ValueError(f"eval.every_steps is {config.eval.every_steps} but eval.sets is empty; "
+                         f"set --config.eval.sets=unseen (and/or .bin files, comma-separated)")
+    for spec in specs:
+        if spec == UNSEEN:
+            continue
+        if not spec.endswith(".bin"):
+            raise ValueError(f"eval.sets entry {spec!r} is neither 'unseen' nor a .bin file")
+        if not os.path.isfile(spec):
+            raise FileNotFoundError(f"{spec}: no such .bin file (eval.sets)")
+    names = [set_name(s) for s in specs]
+    twice = sorted({n for n in names if names.count(n) > 1})
+    if twice:
+        raise ValueError(f"eval.sets names the set(s) {twice} twice; give each set once")
+    return specs
+
+
+def best_metric(config: ml_collections.ConfigDict, names: list[str]) -> tuple[str, bool]:
+    """(the metrics.jsonl key of `config.eval.best_metric`, whether higher is better)."""
+    chosen = config.eval.best_metric or f"{names[0]}/accuracy"
+    name, slash, metric = chosen.rpartition("/")
+    if not slash or name not in names or metric not in METRICS:
+        raise ValueError(f"eval.best_metric {chosen!r}: give SET/METRIC with SET among "
+                         f"{names} and METRIC among {list(METRICS)}")
+    return f"val/{chosen}", metric not in LOWER_IS_BETTER
+
+
+def _embedder(config: ml_collections.ConfigDict, *, flip: bool
+              ) -> Callable[[Variables], Callable]:
+    """variables -> the jitted (variables, images [b, h, w, 3]) -> unit-norm [b, d], built once
+    (the model's class count is read from the variables' classifier)."""
+    built: dict[int, Callable] = {}
+
+    def embed_fn(variables: Variables) -> Callable:
+        classes = variables["params"]["classifier"]["kernel"].shape[-1]
+        if classes not in built:
+            built[classes] = make_embed_fn(models.from_config(config, classes), flip=flip)
+        return built[classes]
+
+    return embed_fn
+
+
+def unseen_measure(config: ml_collections.ConfigDict) -> Measure:
+    """The verification figures on the dataset's unseen identities (as the evaluator measures
+    them: flip-averaged embeddings, `eval.num_pairs` pairs, `eval.folds` folds)."""
+    dataset = sources.get_dataset(config)
+    if dataset.unseen is None:
+        raise ValueError(f"eval.sets names {UNSEEN!r} but the dataset {config.dataset.name!r} has "
+                         f"no unseen identities; give .bin files in --config.eval.sets instead")
+    mesh = parallel.mesh_from_config(config)
+    embed_fn = _embedder(config, flip=config.eval.flip)
+    pairs: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []  # drawn once: labels are fixed
+
+    def measure(variables: Variables) -> dict[str, float]:
+        embeddings, labels = run_over(
+            embed_fn(variables), variables, dataset.unseen, batch_size=config.eval.batch_size,
+            image_size=config.image_size, mesh=mesh, desc=f"validation {UNSEEN}")
+        if not pairs:
+            pairs.append(protocols.make_pairs(labels, config.eval.num_pairs, seed=config.seed))
+        first, second, same = pairs[0]
+        figures = verification_metrics(cosine_of_pairs(embeddings, first, second), same,
+                                       config.eval.folds)
+        return {metric: figures[f"verification/{metric}"] for metric in METRICS}
+
+    return measure
+
+
+def bin_measure(config: ml_collections.ConfigDict, path: str) -> Measure:
+    """The figures of the `.bin` set at `path` (jfacerec.evaluation.bin_sets.bin_metrics)."""
+    from jfacerec.data.bin import read_bin  # deferred: only runs validating .bin sets need them
+    from jfacerec.evaluation.bin_sets import bin_metrics
+
+    bin_set = read_bin(path)
+    embed_fn = _embedder(config, flip=False)  # bin_metrics adds the flipped images itself
+
+    def measure(variables: Variables) -> dict[str, float]:
+        fn = embed_fn(variables)
+
+        def embed(images: np.ndarray) -> np.ndarray:
+            return np.asarray(jax.device_get(fn(variables, jnp.asarray(images, jnp.float32))))
+
+        figures = bin_metrics(embed, bin_set, batch_size=config.eval.batch_size,
+                              flip=config.eval.flip, folds=config.eval.folds)
+        return {metric: figures[metric] for metric in METRICS}
+
+    return measure
+
+
+def from_config(config: ml_collections.ConfigDict) -> Validation | None:
+    """The validator of `config.eval`, or None when `eval.every_steps` is 0 (no validation).
+    Bad sets or best metric raise here, before training starts."""
+    if not config.eval.every_steps:
+        return None
+    if config.eval.every_steps < 0:
+        raise ValueError(f"eval.every_steps is {config.eval.every_steps}: give 0 (never) or a "
+                         f"positive step count")
+    specs = set_specs(config)
+    names = [set_name(s) for s in specs]
+    key, higher = best_metric(config, names)
+    measures = {set_name(s): unseen_measure(config) if s == UNSEEN else bin_measure(config, s)
+                for s in specs}
+    return Validation(measures, key, higher)
