@@ -4,13 +4,16 @@
 - classification (closed set): top-1 / top-5 on held-out images of the training identities;
 - verification on identities never trained on: pair ROC AUC, EER, 10-fold accuracy, TAR@FAR,
   and open-set identification against a gallery, "unknown" below a threshold chosen on a disjoint
-  validation split.
+  validation split;
+- with `.bin` verification sets (lfw.bin, cfp_fp.bin ...), arcface_torch's figures on each
+  (jfacerec/evaluation/bin_sets.py) under `bin/<set>/...`, and their ROC curves in eval/roc_bin.png.
 Writes WORKDIR/eval/metrics.json, roc.png and scores.png (names in jfacerec/core/workdir.py).
 """
 
 from __future__ import annotations
 
 import os
+from typing import Sequence
 
 import jax
 import ml_collections
@@ -19,8 +22,10 @@ import numpy as np
 from jfacerec import metrics
 from jfacerec.core import workdir as workdir_files
 from jfacerec.data import sources
+from jfacerec.data.bin import read_bin
 from jfacerec.data.pipeline import eval_batches
 from jfacerec.data.records import Source
+from jfacerec.evaluation import bin_sets as bins
 from jfacerec.evaluation import plots, protocols
 from jfacerec.inference import matcher
 from jfacerec.inference.restore import make_embed_fn, make_logits_fn, restore, run_over
@@ -72,8 +77,15 @@ def cosine_of_pairs(embeddings: np.ndarray, first: np.ndarray, second: np.ndarra
     return np.sum(a * b, -1) / (np.linalg.norm(a, axis=-1) * np.linalg.norm(b, axis=-1) + 1e-12)
 
 
-def evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
-    """Runs every evaluation that the dataset supports; returns the flat metrics dict."""
+# The ROC curves of the .bin sets, beside eval/roc.png.
+ROC_BIN_PLOT = os.path.join(workdir_files.EVAL, "roc_bin.png")
+
+
+def evaluate(config: ml_collections.ConfigDict, workdir: str,
+             bin_paths: Sequence[str] = ()) -> dict[str, float]:
+    """Runs every evaluation that the dataset supports, and the .bin sets at `bin_paths`;
+    returns the flat metrics dict."""
+    bin_data = [read_bin(p) for p in bin_paths]  # a bad file fails before any work
     dataset = sources.get_dataset(config)
     restored = restore(config, workdir, dataset.num_classes)
     os.makedirs(workdir_files.path(workdir, workdir_files.EVAL), exist_ok=True)
@@ -108,6 +120,14 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float
                         {config.model.name: (scores, same), "raw pixels": (pixel_scores, same)})
         plots.score_histogram(workdir_files.path(workdir, workdir_files.SCORES_PLOT), scores, same,
                               threshold)
+
+    if bin_data:
+        bin_results, curves = bins.evaluate_bins(
+            restored, bin_data, image_size=config.image_size, batch_size=config.eval.batch_size,
+            flip=config.eval.flip, folds=config.eval.folds)
+        results.update(bin_results)
+        if jax.process_index() == 0:
+            plots.roc_plot(workdir_files.path(workdir, ROC_BIN_PLOT), curves)
 
     if jax.process_index() == 0:
         workdir_files.write_eval_metrics(results, workdir)
