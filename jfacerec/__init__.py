@@ -1,11 +1,13 @@
 """jfacerec: face recognition in JAX/Flax.
 
 `jfacerec.load(workdir)` returns a trained model that embeds, verifies and identifies faces
-(see jfacerec/inference/recognizer.py). The packages and their layering: ARCHITECTURE.md.
+(see jfacerec/inference/recognizer.py); `jfacerec.align(image, landmarks)` warps a face onto the
+ArcFace template by five detected points (jfacerec/data/align.py). The packages and their layering: ARCHITECTURE.md.
 """
 
 _LAZY = {"load": "jfacerec.inference.recognizer", "FaceRecognizer": "jfacerec.inference.recognizer",
-         "Match": "jfacerec.inference.gallery", "UNKNOWN": "jfacerec.inference.gallery"}
+         "Match": "jfacerec.inference.gallery", "UNKNOWN": "jfacerec.inference.gallery",
+         "align": "jfacerec.data.align"}
 
 
 def __getattr__(name: str):

@@ -1,14 +1,15 @@
 """python -m jfacerec.gallery enroll | identify: 1:N search of queries against known people.
 
     python -m jfacerec.gallery enroll --workdir DIR --images KNOWN_ROOT --out gallery.npz \
-        [--keep mean|all] [--threshold T]
+        [--keep mean|all] [--threshold T] [--landmarks CSV]
     python -m jfacerec.gallery identify --gallery gallery.npz --images QUERY_DIR \
-        --out matches.csv [--threshold T] [--top-k K] [--workdir DIR]
+        --out matches.csv [--threshold T] [--top-k K] [--workdir DIR] [--landmarks CSV]
 
 KNOWN_ROOT is an identity-folder tree (`<name>/<image>`). QUERY_DIR is a folder of images, or a
 tree of identity folders (then accuracy is reported: a query whose name is not enrolled should come
 out unknown). matches.csv: `id,label,score` (label `n000000` for unknown) and, with --top-k K > 1,
-`label_2,score_2 ... label_K,score_K`.
+`label_2,score_2 ... label_K,score_K`. With --landmarks (a CSV `path,x1,y1,...,x5,y5`, paths
+relative to --images or absolute), every image is aligned by its five points first.
 
 The gallery file's format and the search are in jfacerec/inference/gallery.py.
 """
@@ -21,16 +22,25 @@ import numpy as np
 from absl import app, flags
 
 from jfacerec.core import cli
+from jfacerec.data.align import read_landmarks_csv
 from jfacerec.data.folders import scan_identity_folders
 from jfacerec.inference.gallery import KEEP, UNKNOWN, Gallery, enroll, query_files
 from jfacerec.inference.gallery import write_matches
 from jfacerec.inference.recognizer import load
 
 
+def _landmarks(f, paths) -> np.ndarray | None:
+    """--landmarks' points of each image [n, 5, 2], or None without the flag."""
+    if not f.landmarks:
+        return None
+    return read_landmarks_csv(f.landmarks, f.images).lookup(paths)[0]
+
+
 def _enroll_main(f) -> None:
     recognizer = load(f.workdir)
     files = scan_identity_folders(os.path.abspath(f.images), strict=f.strict)
-    gallery = enroll(recognizer, files, keep=f.keep, threshold=f.threshold)
+    gallery = enroll(recognizer, files, keep=f.keep, threshold=f.threshold,
+                     landmarks=_landmarks(f, files.paths))
     gallery.save(f.out)
     skipped = f"; skipped {len(files.skipped)} unreadable files" if files.skipped else ""
     print(f"enrolled {len(gallery.identities)} identities ({len(files)} images, keep="
@@ -45,7 +55,8 @@ def _identify_main(f) -> None:
     recognizer = load(workdir)
     files, ids = query_files(f.images, strict=f.strict)
     k = f["top-k"].value
-    matches = recognizer.identify(list(files.paths), gallery, threshold=f.threshold, k=k)
+    matches = recognizer.identify(list(files.paths), gallery, threshold=f.threshold, k=k,
+                                  landmarks=_landmarks(f, files.paths))
     write_matches(f.out, ids, matches, k)
     unknown = sum(not m.known for m in matches)
     print(f"{len(matches)} queries: {len(matches) - unknown} matched, {unknown} unknown "
@@ -79,5 +90,7 @@ if __name__ == "__main__":
     flags.DEFINE_float("threshold", None, "Cosine below which a query is unknown (enroll: stored "
                        "in the gallery; identify: overrides it).")
     flags.DEFINE_integer("top-k", 1, "identify: candidates written per query.")
+    flags.DEFINE_string("landmarks", None, "A CSV path,x1,y1,...,x5,y5 of five landmarks per "
+                        "image (paths relative to --images): align each face by them.")
     cli.strict_flag()
     cli.run(main)

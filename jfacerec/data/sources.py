@@ -21,6 +21,7 @@ from typing import Callable
 import ml_collections
 import numpy as np
 
+from jfacerec.data.align import AlignedFileSource, read_landmarks_csv
 from jfacerec.data.folders import ImageFiles, scan_identity_folders, split_per_identity
 from jfacerec.data.records import (UNSEEN_IDENTITY_OFFSET, ArrayRecordSource, FaceDataset,
                                    ImageFileSource, SyntheticSource)
@@ -66,14 +67,34 @@ def _held_out_split(d: ml_collections.ConfigDict, files: ImageFiles, image_size:
     return make(kept), (make(held) if len(held) else None)
 
 
+def _folder_source(d: ml_collections.ConfigDict, image_size: int
+                   ) -> Callable[[ImageFiles], ImageFileSource]:
+    """ImageFiles -> their source: aligned by the `landmarks` CSV where one is given (paths in
+    it relative to `root`), else cropped by `crop_fraction`."""
+    if not d.landmarks:
+        return lambda files: ImageFileSource(files, **_decoding(d, image_size))
+    if d.crop_fraction != 1.0:
+        raise ValueError(f"dataset.crop_fraction={d.crop_fraction} crops unaligned images; "
+                         f"with dataset.landmarks the aligned face is the crop: leave it at 1.0")
+    table = read_landmarks_csv(d.landmarks, d.root)
+
+    def make(files: ImageFiles) -> ImageFileSource:
+        landmarks, origins = table.lookup(files.paths)
+        return AlignedFileSource(files, landmarks, size=image_size, cache=d.cache,
+                                 origins=origins)
+
+    return make
+
+
 def folder_dataset(d: ml_collections.ConfigDict, image_size: int) -> FaceDataset:
     """`root/<identity>/<image>`: train on every identity (less `test_images` held out per
-    identity for classification); verification on `unseen_root`, another tree, if given."""
+    identity for classification); verification on `unseen_root`, another tree, if given. With
+    `landmarks`, every image is aligned to the ArcFace template by its five points."""
     files = _scan(d, d.root, min_images=d.min_images)
-    train, test = _held_out_split(d, files, image_size)
-    unseen = None
-    if d.unseen_root:
-        unseen = ImageFileSource(_scan(d, d.unseen_root), **_decoding(d, image_size))
+    make = _folder_source(d, image_size)
+    kept, held = split_per_identity(files.labels, d.test_images)
+    train, test = make(files.subset(kept)), (make(files.subset(held)) if len(held) else None)
+    unseen = make(_scan(d, d.unseen_root)) if d.unseen_root else None
     return FaceDataset(f"folder:{d.root}", len(files.names), train, test, unseen, files.names)
 
 
@@ -245,8 +266,8 @@ _DATASETS: dict[str, Source] = {
     "synthetic": Source(synthetic_dataset, ("seed", "num_identities", "train_images",
                                             "test_images", "num_unseen_identities",
                                             "unseen_images")),
-    "folder": Source(folder_dataset, ("root", "min_images", "test_images", "unseen_root")
-                     + _SCANNED, required=("root",)),
+    "folder": Source(folder_dataset, ("root", "min_images", "test_images", "unseen_root",
+                                      "landmarks") + _SCANNED, required=("root",)),
     "arrayrecord": Source(arrayrecord_dataset, ("root", "test_images", "unseen_root") + _DECODED,
                           required=("root",)),
     "recordio": Source(recordio_dataset, ("root", "test_images", "unseen_root", "strict")

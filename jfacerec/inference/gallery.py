@@ -47,7 +47,8 @@ class Embedder(Protocol):
     fingerprint: str
     embedding_dim: int
 
-    def embed_files(self, paths: Sequence[str], *, desc: str = "embed") -> np.ndarray: ...
+    def embed_files(self, paths: Sequence[str], *, landmarks: np.ndarray | None = None,
+                    desc: str = "embed") -> np.ndarray: ...
 
 
 FORMAT_VERSION = 1
@@ -175,12 +176,12 @@ def _integer(data: dict[str, np.ndarray], key: str, path: str) -> int:
 
 
 def enroll(recognizer: Embedder, files: ImageFiles, *, keep: str = "mean",
-           threshold: float | None = None) -> Gallery:
-    """Embeds every image of an identity-folder scan; keeps each identity's normalised mean
-    embedding, or every embedding."""
+           threshold: float | None = None, landmarks: np.ndarray | None = None) -> Gallery:
+    """Embeds every image of an identity-folder scan (aligned by landmarks [n, 5, 2], one per
+    file, if given); keeps each identity's normalised mean embedding, or every embedding."""
     if keep not in KEEP:
         raise ValueError(f"keep must be one of {KEEP}, got {keep!r}")
-    embeddings = recognizer.embed_files(list(files.paths), desc="enroll")
+    embeddings = recognizer.embed_files(list(files.paths), landmarks=landmarks, desc="enroll")
     names = np.array(files.names)[files.labels]
     if keep == "mean":
         sums = np.zeros((len(files.names), embeddings.shape[1]), np.float64)

@@ -5,13 +5,17 @@
     emb = model.embed(["a.jpg", "b.jpg"])           # float32 [2, dim], unit norm
     score, same = model.verify("a.jpg", "b.jpg")     # cosine, and same person at the threshold
     matches = model.identify(["q.jpg"], "gallery.npz")
+    emb = model.embed(["a.jpg"], landmarks=kps)      # aligned by five points [n, 5, 2] first
 
 Images may be file paths, PIL images or arrays (uint8, or float in [0, 1]; grey or RGB). They are
-cropped to the face and resized exactly as in training (the workdir's config.json).
+cropped to the face and resized exactly as in training (the workdir's config.json), or, given
+their landmarks, aligned to the ArcFace template at the model's image size
+(jfacerec/data/align.py).
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
 from typing import Any, Sequence
@@ -22,10 +26,12 @@ import numpy as np
 from jfacerec.core import workdir as workdir_files
 from jfacerec.core.checkpoint import Checkpointer
 from jfacerec.data import images as image_io
+from jfacerec.data.align import AlignedFileSource, align, load_aligned
 from jfacerec.data.folders import ImageFiles
 from jfacerec.data.records import ArraySource, ImageFileSource, Source
 from jfacerec.inference.gallery import Gallery, Match
 from jfacerec.inference.restore import Restored, make_embed_fn, make_logits_fn, restore, run_over
+from jfacerec.models import FaceModel, xla_cpu
 
 ImageLike = Any  # a path, a PIL image, or an array [h, w] / [h, w, 1|3|4]
 
@@ -39,6 +45,29 @@ def fingerprint(params: Any) -> str:
         digest.update(f"{jax.tree_util.keystr(path)}{array.shape}{array.dtype}".encode())
         digest.update(np.ascontiguousarray(array).tobytes())
     return digest.hexdigest()[:16]
+
+
+def make_features_fn(model: FaceModel, *, flip: bool):
+    """(variables, images [b, h, w, 3]) -> float32 [b, d], not normalised: embed(x), plus
+    embed(flip_lr(x)) with `flip`. The norm is kept: set-based protocols (IJB) weigh faces by it."""
+
+    @functools.partial(jax.jit, compiler_options=xla_cpu.compiler_options())
+    def features(variables, images):
+        e = model.apply(variables, images, return_feats=True)
+        return e + model.apply(variables, images[:, :, ::-1], return_feats=True) if flip else e
+
+    return features
+
+
+def _landmarks_for(landmarks, n: int) -> np.ndarray | None:
+    """landmarks as float64 [n, 5, 2] (None stays None), or a ValueError on a wrong shape."""
+    if landmarks is None:
+        return None
+    points = np.asarray(landmarks, np.float64)
+    if points.shape != (n, 5, 2):
+        raise ValueError(f"landmarks for {n} images must be [{n}, 5, 2] (x, y of five points "
+                         f"per face), got shape {points.shape}")
+    return points
 
 
 class FaceRecognizer:
@@ -63,6 +92,7 @@ class FaceRecognizer:
         self.threshold = threshold if threshold is not None else self._calibrated_threshold()
         self._embed = make_embed_fn(self._restored.model, flip=self.flip)
         self._logits = make_logits_fn(self._restored.model, flip=self.flip)
+        self._features = {f: make_features_fn(self._restored.model, flip=f) for f in (False, True)}
         self.class_names = workdir_files.read_identities(workdir)
 
     def _calibrated_threshold(self) -> float | None:
@@ -75,28 +105,36 @@ class FaceRecognizer:
 
     # -- Embeddings ------------------------------------------------------------------------------
 
-    def preprocess(self, image: ImageLike) -> np.ndarray:
-        """One image -> uint8 [size, size, 3], cropped to the face as in training."""
+    def preprocess(self, image: ImageLike, landmarks: np.ndarray | None = None) -> np.ndarray:
+        """One image -> uint8 [size, size, 3], cropped to the face as in training, or aligned by
+        its landmarks [5, 2]."""
+        if landmarks is not None:
+            if isinstance(image, (str, os.PathLike)):
+                return load_aligned(image, landmarks, size=self.image_size)
+            return align(image, landmarks, self.image_size)
         if isinstance(image, (str, os.PathLike)):
             return image_io.load_face(image, crop_fraction=self.crop_fraction,
                                       size=self.image_size)
         return image_io.crop_face(image_io.as_rgb_array(image), self.crop_fraction,
                                   self.image_size)
 
-    def embed(self, images: ImageLike | Sequence[ImageLike]) -> np.ndarray:
+    def embed(self, images: ImageLike | Sequence[ImageLike],
+              landmarks: np.ndarray | None = None) -> np.ndarray:
         """Unit-norm embeddings float32 [n, dim] (flip-averaged when the config says so).
 
-        A single image gives [1, dim]; a uint8 array [n, h, w, 3] is n images.
+        A single image gives [1, dim]; a uint8 array [n, h, w, 3] is n images. landmarks:
+        [n, 5, 2] (x, y) per image (a detector's five points: eyes, nose, mouth corners); each
+        image is then aligned to the ArcFace template (jfacerec.align) instead of cropped.
         """
-        if isinstance(images, np.ndarray) and images.ndim == 4:
-            images = list(images)
-        elif not isinstance(images, (list, tuple)):
-            images = [images]
+        images = _as_list(images)
+        if landmarks is not None and len(images) == 1 and np.ndim(landmarks) == 2:
+            landmarks = np.asarray(landmarks)[None]
+        landmarks = _landmarks_for(landmarks, len(images))
         if not images:
             return np.zeros((0, self.embedding_dim), np.float32)
         if all(isinstance(x, (str, os.PathLike)) for x in images):
-            return self.embed_files([os.fspath(x) for x in images])
-        return self._run_images(self._embed, images, "embed")
+            return self.embed_files([os.fspath(x) for x in images], landmarks=landmarks)
+        return self._run_images(self._embed, images, "embed", landmarks)
 
     def _run(self, fn, source: Source, desc: str) -> np.ndarray:
         """fn over every record of `source`, in fixed-size batches (one compilation)."""
@@ -104,30 +142,46 @@ class FaceRecognizer:
                               image_size=self.image_size, mesh=self._restored.mesh, desc=desc)
         return outputs
 
-    def _run_images(self, fn, images: Sequence[ImageLike], desc: str) -> np.ndarray:
+    def _run_images(self, fn, images: Sequence[ImageLike], desc: str,
+                    landmarks: np.ndarray | None = None) -> np.ndarray:
         """fn over in-memory images (or a mix with paths), preprocessed one by one."""
-        return self._run(fn, ArraySource(np.stack(self._preprocess_all(images))), desc)
+        return self._run(fn, ArraySource(np.stack(self._preprocess_all(images, landmarks))), desc)
 
-    def _preprocess_all(self, images: Sequence[ImageLike]) -> list[np.ndarray]:
+    def _preprocess_all(self, images: Sequence[ImageLike],
+                        landmarks: np.ndarray | None = None) -> list[np.ndarray]:
         """`preprocess` of each image; a ValueError names the position of the image it is about,
         which an array's error cannot do by itself."""
         faces = []
         for i, image in enumerate(images):
             try:
-                faces.append(self.preprocess(image))
+                faces.append(self.preprocess(image, None if landmarks is None else landmarks[i]))
             except ValueError as e:
                 raise ValueError(f"image {i} of {len(images)}: {e}") from e
         return faces
 
-    def _run_files(self, fn, paths: Sequence[str], desc: str) -> np.ndarray:
-        """fn over image files, decoded in parallel by the input pipeline."""
+    def _run_files(self, fn, paths: Sequence[str], desc: str,
+                   landmarks: np.ndarray | None = None) -> np.ndarray:
+        """fn over image files, decoded (and aligned, given landmarks [n, 5, 2]) in parallel by
+        the input pipeline."""
         files = ImageFiles("", (), tuple(paths), np.zeros(len(paths), np.int32))
-        source = ImageFileSource(files, size=self.image_size, crop_fraction=self.crop_fraction)
+        landmarks = _landmarks_for(landmarks, len(paths))
+        if landmarks is None:
+            source = ImageFileSource(files, size=self.image_size, crop_fraction=self.crop_fraction)
+        else:
+            source = AlignedFileSource(files, landmarks, size=self.image_size)
         return self._run(fn, source, desc)
 
-    def embed_files(self, paths: Sequence[str], *, desc: str = "embed") -> np.ndarray:
-        """Embeddings float32 [n, dim] of image files."""
-        return self._run_files(self._embed, paths, desc)
+    def embed_files(self, paths: Sequence[str], *, landmarks: np.ndarray | None = None,
+                    desc: str = "embed") -> np.ndarray:
+        """Embeddings float32 [n, dim] of image files (aligned by landmarks [n, 5, 2] if
+        given)."""
+        return self._run_files(self._embed, paths, desc, landmarks)
+
+    def features_files(self, paths: Sequence[str], *, landmarks: np.ndarray | None = None,
+                       flip: bool = True, desc: str = "features") -> np.ndarray:
+        """Embeddings float32 [n, dim] of image files before normalisation: embed(x) +
+        embed(flip_lr(x)) with `flip` (aligned by landmarks [n, 5, 2] if given)."""
+        return self._run_files(self._features[flip], paths, desc, landmarks)
 
     # -- The three jobs --------------------------------------------------------------------------
 
@@ -158,15 +212,23 @@ class FaceRecognizer:
         return [self.class_names[i] if self.class_names else str(i) for i in best]
 
     def identify(self, images: ImageLike | Sequence[ImageLike], gallery, *,
-                 threshold: float | None = None, k: int = 1) -> list[Match]:
+                 threshold: float | None = None, k: int = 1,
+                 landmarks: np.ndarray | None = None) -> list[Match]:
         """The best enrolled identity of each image, UNKNOWN below the threshold (the given one,
         else the gallery's, else the calibrated verification threshold). `gallery`: a Gallery or
-        the path of a gallery file made with this model."""
+        the path of a gallery file made with this model. landmarks: as for `embed`."""
         if isinstance(gallery, (str, os.PathLike)):
             gallery = Gallery.load(os.fspath(gallery))
         gallery.check_compatible(self)
         threshold = gallery.resolve_threshold(threshold, self.threshold)
-        return gallery.identify(self.embed(images), k=k, threshold=threshold)
+        return gallery.identify(self.embed(images, landmarks), k=k, threshold=threshold)
+
+
+def _as_list(images: ImageLike | Sequence[ImageLike]) -> list[ImageLike]:
+    """images as a list: a uint8 array [n, h, w, 3] is n images, anything else not a list one."""
+    if isinstance(images, np.ndarray) and images.ndim == 4:
+        return list(images)
+    return list(images) if isinstance(images, (list, tuple)) else [images]
 
 
 def load(workdir: str, *, threshold: float | None = None, step: int | None = None,
