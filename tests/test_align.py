@@ -59,14 +59,14 @@ def test_the_estimator_is_the_least_squares_similarity_for_noisy_points():
                                [[a, -b, tx], [b, a, ty]], atol=1e-6)
 
 
-def test_align_undoes_a_known_similarity_above_30_db():
+def test_align_undoes_a_known_similarity_above_40_db():
     face = render_faces(np.array([3]), np.array([0]), image_size=112)[0]
     posed, points = _posed(face, _similarity(17.0, 1.4, (60.0, 20.0)), 240)
     aligned = jfacerec.align(posed, points)
     chex.assert_shape(aligned, (112, 112, 3))
     assert aligned.dtype == np.uint8
     # Two bilinear resamplings blur edges a little: the interior is compared.
-    assert _psnr(aligned[8:-8, 8:-8], face[8:-8, 8:-8]) > 30.0
+    assert _psnr(aligned[8:-8, 8:-8], face[8:-8, 8:-8]) > 40.0  # 47.5 dB measured
     # Not aligning (the posed picture's own crop) is far worse.
     assert _psnr(np.asarray(Image.fromarray(posed).resize((112, 112)))[8:-8, 8:-8],
                  face[8:-8, 8:-8]) < 15.0
@@ -220,10 +220,3 @@ def test_the_gallery_command_aligns_with_landmarks(aligned_model, tmp_path):
     assert result.returncode == 0, result.stderr
     matches = model.identify(list(files.paths), Gallery.load(gallery), landmarks=landmarks)
     assert [r[1] for r in read_csv(out)[1:]] == [m.name for m in matches]
-
-    short = _write_csv(tmp_path / "short.csv", rows[1:])
-    result = run_module("jfacerec.gallery", "enroll", "--workdir", workdir, "--images", str(root),
-                        "--out", str(tmp_path / "h.npz"), "--landmarks", short)
-    assert result.returncode == 1
-    assert "person_0/0.png: no landmarks in" in result.stderr.strip().splitlines()[-1]
-    assert not os.path.exists(tmp_path / "h.npz")
