@@ -3,8 +3,9 @@
 The sources themselves (random-access record collections) are in records.py.
 
 Registered datasets (`config.dataset.name`): synthetic (procedural identities), folder (an
-identity-folder tree), arrayrecord (shards written by `python -m jfacerec.data.pack`), hw2p2 (the
-course layout), lfw (the folder, less the identities of a pairs file), orl (AT&T faces), and tfds
+identity-folder tree, aligned by a landmarks CSV when one is given), arrayrecord (shards written
+by `python -m jfacerec.data.pack`), hw2p2 (the course layout), lfw (the folder, less the
+identities of a pairs file), orl (AT&T faces), and tfds
 (any TensorFlow Datasets data source with an image and a label feature). Each is registered with
 the `dataset.*` keys it reads and the ones it requires; every key's default is in the base config
 (jfacerec/core/config_base.py), so `--config.dataset.name=folder --config.dataset.root=DIR` works
