@@ -376,9 +376,10 @@ def _scan_labels(rec: str, offsets: np.ndarray, num_classes: int,
             raise ValueError(f"{rec}: the record at byte offset {at[i]} {problem(i)}")
 
     fd = os.open(rec, os.O_RDONLY)
+    bar = tqdm(total=len(offsets), desc=f"checking {rec}", unit="record", leave=False,
+               disable=len(offsets) <= _SCAN_CHUNK)
     try:
-        for start in tqdm(range(0, len(offsets), _SCAN_CHUNK), desc=f"reading {rec}",
-                          unit="chunk", leave=False, disable=len(offsets) <= _SCAN_CHUNK):
+        for start in range(0, len(offsets), _SCAN_CHUNK):
             at = offsets[start:start + _SCAN_CHUNK]
             head = mapped[np.minimum(at[:, None] + span, size - 1)]  # [m, 36] bytes
             magic, word = head[:, :8].copy().view("<u4").T
@@ -410,7 +411,9 @@ def _scan_labels(rec: str, offsets: np.ndarray, num_classes: int,
                             f"(num_classes from {property_path}); the property file belongs to "
                             f"another pack")
             lengths[start:start + len(at)], labels[start:start + len(at)] = length, label
+            bar.update(len(at))
     finally:
+        bar.close()
         os.close(fd)
         del mapped
     return lengths, labels.astype(np.int32)
