@@ -77,18 +77,22 @@ def training_curves(workdir: str) -> str | None:
 
 def validation_curves(workdir: str, records: list[dict[str, float]]) -> str | None:
     """The `val/<set>/<metric>` records of metrics.jsonl -> WORKDIR/validation.png: one panel per
-    metric, one line per set. Returns its path (None without such records)."""
-    keys = sorted({k for r in records for k in r if k.startswith("val/")})
+    metric (accuracy first, shaded by its fold spread), one line per set. Returns its path (None
+    without such records)."""
+    keys = sorted({k for r in records for k in r
+                   if k.startswith("val/") and not k.endswith("_std")})
     if not keys:
         return None
-    metrics_names = sorted({k.rsplit("/", 1)[1] for k in keys},
-                           key=lambda m: (m != "accuracy", m))
-    fig, axes = plt.subplots(1, len(metrics_names), figsize=(4 * len(metrics_names), 3.2),
-                             squeeze=False)
-    for ax, metric in zip(axes[0], metrics_names):
+    names = sorted({k.rsplit("/", 1)[1] for k in keys}, key=lambda m: (m != "accuracy", m))
+    fig, axes = plt.subplots(1, len(names), figsize=(4 * len(names), 3.2), squeeze=False)
+    for ax, metric in zip(axes[0], names):
         for key in (k for k in keys if k.endswith(f"/{metric}")):
-            points = [(r["step"], r[key]) for r in records if key in r]
-            ax.plot(*zip(*points), marker="o", markersize=3, label=key.split("/")[1])
+            rows = [r for r in records if key in r]
+            steps, values = np.array([r["step"] for r in rows]), np.array([r[key] for r in rows])
+            ax.plot(steps, values, marker="o", markersize=3, label=key.split("/")[1])
+            if all(f"{key}_std" in r for r in rows):
+                spread = np.array([r[f"{key}_std"] for r in rows])
+                ax.fill_between(steps, values - spread, values + spread, alpha=0.2)
         ax.set_title(f"validation {metric}")
         ax.set_xlabel("step")
         ax.grid(True, alpha=0.3)
