@@ -305,6 +305,11 @@ def test_evaluate_with_bin_sets_adds_their_metrics_and_a_roc_plot(trained, tmp_p
     assert results["bin/set_a/auc"] == pytest.approx(metrics.roc_auc(scores, bin_set.issame),
                                                      abs=1e-6)
 
-    bad = run_module("jfacerec.evaluate", f"--config={config_file}", f"--workdir={trained}",
-                     f"--bin={tmp_path / 'none.bin'}")
-    assert bad.returncode == 1 and "none.bin" in bad.stderr
+
+
+def test_a_missing_bin_is_an_error_naming_it(trained, tmp_path):
+    from jfacerec.core import workdir
+    from jfacerec.evaluation.evaluator import evaluate
+
+    with pytest.raises(FileNotFoundError, match="none.bin"):
+        evaluate(workdir.read_config(trained), trained, [str(tmp_path / "none.bin")])

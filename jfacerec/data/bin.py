@@ -33,7 +33,8 @@ from jfacerec.core.atomic import atomic_open
 from jfacerec.data import images as image_io
 from jfacerec.data.pairs import read_lfw_pairs
 
-Encoded = bytes | np.ndarray  # encoded bytes, uint8 [nbytes] of them, or uint8 pixels [h, w, 3]
+# Encoded bytes (JPEG, PNG), a uint8 [nbytes] array of them, or uint8 RGB pixels [h, w, 3].
+Encoded = bytes | np.ndarray
 
 
 @dataclasses.dataclass(frozen=True)
@@ -54,7 +55,7 @@ class BinSet:
         that does not decode is an ImageDecodeError naming the file and the index."""
         item = self.images[index]
         if isinstance(item, np.ndarray) and item.ndim == 3:
-            pixels = item
+            pixels = np.ascontiguousarray(item)  # RGB; a Fortran-order pickle is not contiguous
         else:
             data = item.tobytes() if isinstance(item, np.ndarray) else item
             pixels = image_io.decode(data, name=f"{self.path}, image {index}")
