@@ -18,6 +18,7 @@ from conftest import REPO, tiny_config
 from jfacerec.core import parallel
 from jfacerec.core import workdir as workdir_files
 from jfacerec.core.checkpoint import MANIFEST, Checkpointer, select_step
+from jfacerec.data.synthetic import render_faces
 from jfacerec.evaluation import plots, validation
 from jfacerec.inference.restore import restore
 from jfacerec.training import abstract_train_state, train
@@ -122,6 +123,33 @@ def test_eer_as_best_metric_picks_the_lowest(tmp_path):
     best = Checkpointer(str(tmp_path), read_only=True).best()
     assert best["metric"] == "val/unseen/eer"
     assert best["value"] == min(r["val/unseen/eer"] for r in val)
+
+
+def test_a_bin_set_gives_the_figures_of_evaluate_bin(straight, tmp_path):
+    """The validator of "unseen,faces.bin" on the step-16 weights: the .bin figures equal
+    `evaluate --bin`'s (jfacerec.evaluation.bin_sets), the unseen ones those logged in training."""
+    from jfacerec.data.bin import encode, read_bin, write_bin
+    from jfacerec.evaluation.bin_sets import evaluate_bins
+
+    issame = np.arange(12) % 2 == 0
+    people = np.stack([np.arange(12), np.where(issame, np.arange(12), np.arange(12) + 20)], 1)
+    faces = render_faces(people.ravel(), np.tile([0, 1], 12), image_size=24)  # resized to 16
+    path = str(tmp_path / "faces.bin")
+    write_bin(path, [encode(face, "png") for face in faces], issame.tolist())
+    workdir, _ = straight
+    config = tiny_config(**{**RUN, "eval.sets": f"unseen,{path}", "eval.best_metric": "faces/eer"})
+    validate = validation.from_config(config)
+    assert (validate.best_key, validate.higher_is_better) == ("val/faces/eer", False)
+    restored = restore(config, str(workdir), 8)
+    figures = validate(restored.variables, 16)
+    expected, _ = evaluate_bins(restored, [read_bin(path)], image_size=16, batch_size=32,
+                                folds=5)
+    for metric in validation.METRICS:
+        assert figures[f"val/faces/{metric}"] == pytest.approx(expected[f"bin/faces/{metric}"],
+                                                               abs=1e-6)
+    logged = [r for r in workdir_files.read_metrics(str(workdir)) if "loss" not in r][-1]
+    assert {k: v for k, v in figures.items() if k.startswith("val/unseen/")} == pytest.approx(
+        {k: v for k, v in logged.items() if k != "step"}, abs=1e-6)
 
 
 def command(workdir):

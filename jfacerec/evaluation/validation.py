@@ -32,6 +32,7 @@ from jfacerec.data import sources
 from jfacerec.evaluation import protocols
 from jfacerec.evaluation.evaluator import cosine_of_pairs, verification_metrics
 from jfacerec.inference.restore import make_embed_fn, run_over
+from jfacerec.models import xla_cpu
 
 UNSEEN = "unseen"
 METRICS = ("accuracy", "accuracy_std", "auc", "eer", "tar@far=1e-3")
@@ -134,21 +135,35 @@ def unseen_measure(config: ml_collections.ConfigDict) -> Measure:
 
 
 def bin_measure(config: ml_collections.ConfigDict, path: str) -> Measure:
-    """The figures of the `.bin` set at `path` (jfacerec.evaluation.bin_sets.bin_metrics)."""
+    """The figures of the `.bin` set at `path`, as `evaluate --bin` gives them
+    (jfacerec.evaluation.bin_sets: unnormalised features of each image and its mirror summed,
+    insightface's 10-fold accuracy); images resized to the model's `image_size`."""
     from jfacerec.data.bin import read_bin  # deferred: only runs validating .bin sets need them
     from jfacerec.evaluation.bin_sets import bin_metrics
 
     bin_set = read_bin(path)
-    embed_fn = _embedder(config, flip=False)  # bin_metrics adds the flipped images itself
+    mesh = parallel.mesh_from_config(config)
+    n_dev = mesh.devices.size
+    batch_size = -(-config.eval.batch_size // n_dev) * n_dev
+    sharding = parallel.data_sharding(mesh)
+    built: dict[int, Callable] = {}  # class count -> jitted features, compiled once
+
+    def features_fn(classes: int) -> Callable:
+        if classes not in built:
+            model = models.from_config(config, classes)
+            built[classes] = jax.jit(
+                lambda variables, images: model.apply(variables, images, return_feats=True),
+                compiler_options=xla_cpu.compiler_options())
+        return built[classes]
 
     def measure(variables: Variables) -> dict[str, float]:
-        fn = embed_fn(variables)
+        features = features_fn(variables["params"]["classifier"]["kernel"].shape[-1])
 
         def embed(images: np.ndarray) -> np.ndarray:
-            return np.asarray(jax.device_get(fn(variables, jnp.asarray(images, jnp.float32))))
+            return np.asarray(features(variables, jax.device_put(jnp.asarray(images), sharding)))
 
-        figures = bin_metrics(embed, bin_set, batch_size=config.eval.batch_size,
-                              flip=config.eval.flip, folds=config.eval.folds)
+        figures = bin_metrics(embed, bin_set, batch_size=batch_size, flip=config.eval.flip,
+                              folds=config.eval.folds, image_size=config.image_size)
         return {metric: figures[metric] for metric in METRICS}
 
     return measure
