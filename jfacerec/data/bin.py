@@ -37,7 +37,7 @@ from jfacerec.data.pairs import read_lfw_pairs
 Encoded = bytes | np.ndarray
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, eq=False)  # arrays have no one truth value to compare
 class BinSet:
     """A verification set: `images` [2 * pairs], decoded on demand; `issame` bool [pairs]."""
 
