@@ -307,9 +307,16 @@ def test_evaluate_with_bin_sets_adds_their_metrics_and_a_roc_plot(trained, tmp_p
 
 
 
-def test_a_missing_bin_is_an_error_naming_it(trained, tmp_path):
-    from jfacerec.core import workdir
+def test_a_missing_or_ambiguous_bin_is_an_error_before_any_work(tmp_path):
     from jfacerec.evaluation.evaluator import evaluate
 
+    config = tiny_config()
+    nowhere = str(tmp_path / "no_workdir")  # restoring from it would fail: the sets come first
     with pytest.raises(FileNotFoundError, match="none.bin"):
-        evaluate(workdir.read_config(trained), trained, [str(tmp_path / "none.bin")])
+        evaluate(config, nowhere, [str(tmp_path / "none.bin")])
+    os.makedirs(tmp_path / "other")
+    for path in (tmp_path / "lfw.bin", tmp_path / "other" / "lfw.bin"):
+        binfile.write_bin(str(path), [png(f) for f in FACES], ISSAME)
+    with pytest.raises(ValueError, match="share a name"):
+        evaluate(config, nowhere, [str(tmp_path / "lfw.bin"), str(tmp_path / "other" / "lfw.bin")])
+    assert not os.path.exists(nowhere)

@@ -121,16 +121,21 @@ def restored_embed(restored: Restored, batch_size: int) -> tuple[Embed, int]:
     return embed, batch_size
 
 
-def evaluate_bins(restored: Restored, bin_sets: Sequence[BinSet], *, image_size: int,
-                  batch_size: int, flip: bool = True, folds: int = 10
-                  ) -> tuple[dict[str, float], dict[str, tuple[np.ndarray, np.ndarray]]]:
-    """A restored model on each set: ({"bin/<set>/<metric>": value}, {set: (scores, issame)}
-    for a ROC plot). Images are resized to the model's `image_size`."""
+def check_names(bin_sets: Sequence[BinSet]) -> None:
+    """ValueError when two sets share a name: their figures would share keys."""
     names = [s.name for s in bin_sets]
     if len(set(names)) < len(names):
         paths = [s.path for s in bin_sets]
         raise ValueError(f"two .bin files share a name ({', '.join(paths)}): their metrics would "
                          f"share keys bin/<name>/...; rename one")
+
+
+def evaluate_bins(restored: Restored, bin_sets: Sequence[BinSet], *, image_size: int,
+                  batch_size: int, flip: bool = True, folds: int = 10
+                  ) -> tuple[dict[str, float], dict[str, tuple[np.ndarray, np.ndarray]]]:
+    """A restored model on each set: ({"bin/<set>/<metric>": value}, {set: (scores, issame)}
+    for a ROC plot). Images are resized to the model's `image_size`."""
+    check_names(bin_sets)
     embed, batch_size = restored_embed(restored, batch_size)
     results, curves = {}, {}
     for bin_set in bin_sets:

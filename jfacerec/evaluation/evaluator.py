@@ -86,6 +86,7 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str,
     """Runs every evaluation that the dataset supports, and the .bin sets at `bin_paths`;
     returns the flat metrics dict."""
     bin_data = [read_bin(p) for p in bin_paths]  # a bad file fails before any work
+    bins.check_names(bin_data)
     dataset = sources.get_dataset(config)
     restored = restore(config, workdir, dataset.num_classes)
     os.makedirs(workdir_files.path(workdir, workdir_files.EVAL), exist_ok=True)
