@@ -12,7 +12,9 @@ metrics accuracy (k-fold), accuracy_std, auc, eer and tar@far=1e-3. The best che
 by `config.eval.best_metric` ("SET/METRIC"; "": the first set's accuracy).
 
 Validation reads the variables and nothing else of the training: no random stream, no batch, no
-update, so a run validates without changing a bit of its parameters.
+update, so a run validates without changing a bit of its parameters. With several processes, each
+embeds its devices' share of every batch and all get the whole result: the figures are those of
+one process.
 """
 
 from __future__ import annotations
@@ -22,16 +24,15 @@ import os
 from typing import Any, Callable
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
+from tqdm.auto import tqdm
 
 from jfacerec import models
 from jfacerec.core import parallel
-from jfacerec.data import sources
+from jfacerec.data import pipeline, sources
 from jfacerec.evaluation import protocols
 from jfacerec.evaluation.evaluator import cosine_of_pairs, verification_metrics
-from jfacerec.inference.restore import make_embed_fn, run_over
 from jfacerec.models import xla_cpu
 
 UNSEEN = "unseen"
@@ -94,36 +95,70 @@ def best_metric(config: ml_collections.ConfigDict, names: list[str]) -> tuple[st
     return f"val/{chosen}", metric not in LOWER_IS_BETTER
 
 
-def _embedder(config: ml_collections.ConfigDict, *, flip: bool
-              ) -> Callable[[Variables], Callable]:
-    """variables -> the jitted (variables, images [b, h, w, 3]) -> unit-norm [b, d], built once
-    (the model's class count is read from the variables' classifier)."""
+Features = Callable[[Variables, np.ndarray], np.ndarray]
+
+
+def _features_on_mesh(config: ml_collections.ConfigDict) -> tuple[Features, int]:
+    """((variables, images float32 [b, h, w, 3]) -> the model's features float32 [b, d], the
+    multiple of which b must be). The batch is split over the config's mesh, so that with several
+    processes each computes its devices' rows, and the result is gathered on every process:
+    every process gets the same figures, those of one process. Compiled once per class count
+    (read from the variables' classifier)."""
+    mesh = parallel.mesh_from_config(config)
+    sharding = parallel.data_sharding(mesh)
     built: dict[int, Callable] = {}
 
-    def embed_fn(variables: Variables) -> Callable:
+    def features(variables: Variables, images: np.ndarray) -> np.ndarray:
         classes = variables["params"]["classifier"]["kernel"].shape[-1]
         if classes not in built:
-            built[classes] = make_embed_fn(models.from_config(config, classes), flip=flip)
-        return built[classes]
+            model = models.from_config(config, classes)
+            built[classes] = jax.jit(
+                lambda v, x: model.apply(v, x, return_feats=True),
+                out_shardings=parallel.replicated(mesh),
+                compiler_options=xla_cpu.compiler_options())
+        batch = jax.make_array_from_callback(images.shape, sharding, lambda index: images[index])
+        return np.asarray(built[classes](variables, batch), np.float32)
 
-    return embed_fn
+    return features, mesh.devices.size
+
+
+def _batch_size(config: ml_collections.ConfigDict, multiple: int) -> int:
+    return -(-config.eval.batch_size // multiple) * multiple
 
 
 def unseen_measure(config: ml_collections.ConfigDict) -> Measure:
     """The verification figures on the dataset's unseen identities (as the evaluator measures
-    them: flip-averaged embeddings, `eval.num_pairs` pairs, `eval.folds` folds)."""
+    them: unit-norm embeddings of each image plus its mirror image, `eval.num_pairs` pairs,
+    `eval.folds` folds)."""
     dataset = sources.get_dataset(config)
     if dataset.unseen is None:
         raise ValueError(f"eval.sets names {UNSEEN!r} but the dataset {config.dataset.name!r} has "
                          f"no unseen identities; give .bin files in --config.eval.sets instead")
-    mesh = parallel.mesh_from_config(config)
-    embed_fn = _embedder(config, flip=config.eval.flip)
+    features, multiple = _features_on_mesh(config)
+    batch_size = _batch_size(config, multiple)
     pairs: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []  # drawn once: labels are fixed
 
+    def embed(variables: Variables) -> tuple[np.ndarray, np.ndarray]:
+        """(unit-norm embeddings [n, d], labels [n]) of the unseen images, in order."""
+        out, labels = [], []
+        with tqdm(total=len(dataset.unseen), desc=f"validation {UNSEEN}", unit="img",
+                  leave=False, disable=jax.process_index() != 0) as bar:
+            for batch in pipeline.eval_batches(dataset.unseen, batch_size=batch_size,
+                                               image_size=config.image_size):
+                n = len(batch["label"])
+                images = np.pad(batch["image"], ((0, batch_size - n), (0, 0), (0, 0), (0, 0)))
+                e = features(variables, images)
+                if config.eval.flip:
+                    e = e + features(variables, np.ascontiguousarray(images[:, :, ::-1]))
+                out.append(e[:n])
+                labels.append(batch["label"])
+                bar.update(n)
+        e = np.concatenate(out)
+        return e / np.maximum(np.linalg.norm(e, axis=-1, keepdims=True), 1e-12), \
+            np.concatenate(labels)
+
     def measure(variables: Variables) -> dict[str, float]:
-        embeddings, labels = run_over(
-            embed_fn(variables), variables, dataset.unseen, batch_size=config.eval.batch_size,
-            image_size=config.image_size, mesh=mesh, desc=f"validation {UNSEEN}")
+        embeddings, labels = embed(variables)
         if not pairs:
             pairs.append(protocols.make_pairs(labels, config.eval.num_pairs, seed=config.seed))
         first, second, same = pairs[0]
@@ -142,27 +177,11 @@ def bin_measure(config: ml_collections.ConfigDict, path: str) -> Measure:
     from jfacerec.evaluation.bin_sets import bin_metrics
 
     bin_set = read_bin(path)
-    mesh = parallel.mesh_from_config(config)
-    n_dev = mesh.devices.size
-    batch_size = -(-config.eval.batch_size // n_dev) * n_dev
-    sharding = parallel.data_sharding(mesh)
-    built: dict[int, Callable] = {}  # class count -> jitted features, compiled once
-
-    def features_fn(classes: int) -> Callable:
-        if classes not in built:
-            model = models.from_config(config, classes)
-            built[classes] = jax.jit(
-                lambda variables, images: model.apply(variables, images, return_feats=True),
-                compiler_options=xla_cpu.compiler_options())
-        return built[classes]
+    features, multiple = _features_on_mesh(config)
 
     def measure(variables: Variables) -> dict[str, float]:
-        features = features_fn(variables["params"]["classifier"]["kernel"].shape[-1])
-
-        def embed(images: np.ndarray) -> np.ndarray:
-            return np.asarray(features(variables, jax.device_put(jnp.asarray(images), sharding)))
-
-        figures = bin_metrics(embed, bin_set, batch_size=batch_size, flip=config.eval.flip,
+        figures = bin_metrics(lambda images: features(variables, images), bin_set,
+                              batch_size=_batch_size(config, multiple), flip=config.eval.flip,
                               folds=config.eval.folds, image_size=config.image_size)
         return {metric: figures[metric] for metric in METRICS}
 
