@@ -1,9 +1,11 @@
 """The weights of an ONNX face model, read from its graph's structure, onto arcface_torch's layers.
 
 The graph is walked in node order (ONNX keeps nodes topologically sorted) for its weighted ops:
-Conv, BatchNormalization, PRelu, and Gemm or MatMul (+ a constant Add: the bias). They are matched
-in turn to `arcface_torch.layers(model)`, which lists the same layers in forward order, so initialiser
-names do not matter: an export that keeps PyTorch's names and one whose names are gone read alike.
+Conv, BatchNormalization, PRelu, and Gemm or MatMul (+ a constant Add: the bias). They are
+matched in turn to `arcface_torch.layers(model)`, which lists the same layers in forward order, so
+initialiser names do not matter: an export that keeps PyTorch's names and one whose names are gone
+read alike. A BatchNormalization is a conv's when it reads that conv's output (dataflow, not
+position).
 Weights may sit behind constant-only nodes (Constant, Unsqueeze, Reshape, Transpose, ...), which
 are evaluated here with NumPy.
 
@@ -35,8 +37,9 @@ _AFFINE_OPS = ("Sub", "Add", "Mul", "Div")
 @dataclasses.dataclass
 class _Op:
     """A weighted node: kind (as Layer.kind), its weights in PyTorch's layouts, the tensor it
-    reads (before any Identity / Dropout / Cast) and the one it writes, and whether a linear layer's input was flattened from
-    [H, W, C] (a Transpose to channels-last before the Flatten/Reshape)."""
+    reads (before any Identity / Dropout / Cast) and the one it writes, its bias (convs and linear
+    layers), and whether a linear layer's input was flattened from [H, W, C] (a Transpose to
+    channels-last before the Flatten / Reshape)."""
 
     kind: str
     name: str
@@ -318,8 +321,13 @@ def read_layers(path: str, spec: Sequence[Layer]) -> list[dict[str, np.ndarray]]
     from the ONNX model at `path`. ValueError naming the file when its graph computes something
     else (another architecture, an unsupported input normalisation, weights that are not
     constants)."""
-    graph = _Graph(_load(path).graph, path)
-    ops = graph.ops()
+    proto = _load(path)
+    try:
+        graph = _Graph(proto.graph, path)
+        ops = graph.ops()
+    except (KeyError, IndexError, TypeError) as e:  # a node without the inputs its op needs
+        raise ValueError(f"{path}: a malformed graph ({type(e).__name__}: {e}); export the "
+                         f"model again") from e
     if not ops or ops[0].kind != "conv":
         raise ValueError(f"{path}: the graph does not start with a Conv; it is no face backbone "
                          f"of {', '.join(SUPPORTED)}")
