@@ -30,6 +30,8 @@ def main(argv):
         raise app.UsageError("usage: python -m jfacerec.convert torch|onnx FILE --model NAME "
                              "--workdir DIR")
     f = flags.FLAGS
+    if missing := [name for name in ("model", "workdir") if not f[name].value]:
+        raise app.UsageError(f"{argv[1]} needs --{', --'.join(missing)}; see --help")
     if f.num_classes < 1:
         raise app.UsageError(f"--num_classes={f.num_classes}: give at least 1 class")
     fmt, path = argv[1], argv[2]
@@ -50,5 +52,4 @@ if __name__ == "__main__":
     flags.DEFINE_integer("num_classes", 1, "Classes of the classifier head written beside the "
                          "backbone (the evaluate command expects its dataset's).")
     flags.DEFINE_integer("seed", 0, "Seed of the classifier head's initialisation.")
-    flags.mark_flags_as_required(["model", "workdir"])
     cli.run(main)
