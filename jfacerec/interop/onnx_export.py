@@ -106,7 +106,7 @@ class _Graph:
         return name
 
 
-# -- Layers: flax's arithmetic as ONNX nodes, on NCHW tensors ---------------------------------------
+# -- Layers: flax's arithmetic as ONNX nodes, on NCHW tensors --------------------------------------
 
 
 def _pads(size: Sequence[int], kernel: Sequence[int], strides: Sequence[int],
@@ -281,7 +281,7 @@ def max_pool(g: _Graph, x: _Tensor, window: int, strides: int, padding: str,
                                                     (strides, strides), pads)))
 
 
-# -- Backbones: each mirrors its flax module's __call__ at eval (dropout and DropBlock are off) -----
+# -- Backbones: each mirrors its flax module's __call__ at eval (dropout and DropBlock are off) ----
 
 
 def iresnet(g: _Graph, s: _Scope, m: IResNet, x: _Tensor) -> _Tensor:
