@@ -4,10 +4,14 @@
     WORKDIR/identities.json      the training identities' names: class i is names[i]
     WORKDIR/metrics.jsonl        one JSON object per logged step
     WORKDIR/training.png         training curves drawn from metrics.jsonl
+    WORKDIR/validation.png       validation curves (config.eval.every_steps), from metrics.jsonl
     WORKDIR/tb/                  TensorBoard events
     WORKDIR/checkpoints/<step>/  orbax checkpoints and their sha256.json (see checkpoint.py)
+    WORKDIR/checkpoints/best.json the best validated step (see checkpoint.py)
     WORKDIR/.lock                held by the one process training in the workdir (see lock.py)
-    WORKDIR/eval/metrics.json    evaluate's flat metrics; eval/roc.png, eval/scores.png
+    WORKDIR/eval/metrics.json    evaluate's flat metrics; eval/roc.png, eval/scores.png,
+                                 eval/roc_bin.png (one curve per .bin set of --bin)
+    WORKDIR/eval/ijb_<target>.json IJB-B/C 1:1 TAR@FAR (evaluation/ijb.py), and its .png
 
 Training writes them, evaluation adds `eval/`, and the recognizer (`jfacerec.load`) reads them.
 config.json and identities.json are replaced atomically: a reader sees the old file or the new one.
@@ -28,6 +32,7 @@ CONFIG = "config.json"
 IDENTITIES = "identities.json"
 METRICS = "metrics.jsonl"
 TRAINING_PLOT = "training.png"
+VALIDATION_PLOT = "validation.png"
 TENSORBOARD = "tb"
 CHECKPOINTS = "checkpoints"
 LOCK = ".lock"
@@ -35,6 +40,13 @@ EVAL = "eval"
 EVAL_METRICS = os.path.join(EVAL, "metrics.json")
 ROC_PLOT = os.path.join(EVAL, "roc.png")
 SCORES_PLOT = os.path.join(EVAL, "scores.png")
+ROC_BIN_PLOT = os.path.join(EVAL, "roc_bin.png")
+
+
+def ijb_results(target: str) -> str:
+    """eval/ijb_<target> (lower case, as the release's meta files name the target): the stem of
+    its .json and .png."""
+    return os.path.join(EVAL, f"ijb_{target.lower()}")
 
 
 def path(workdir: str, name: str) -> str:

@@ -77,9 +77,6 @@ def cosine_of_pairs(embeddings: np.ndarray, first: np.ndarray, second: np.ndarra
     return np.sum(a * b, -1) / (np.linalg.norm(a, axis=-1) * np.linalg.norm(b, axis=-1) + 1e-12)
 
 
-# The ROC curves of the .bin sets, beside eval/roc.png.
-ROC_BIN_PLOT = os.path.join(workdir_files.EVAL, "roc_bin.png")
-
 
 def evaluate(config: ml_collections.ConfigDict, workdir: str,
              bin_paths: Sequence[str] = ()) -> dict[str, float]:
@@ -128,7 +125,7 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str,
             flip=config.eval.flip, folds=config.eval.folds)
         results.update(bin_results)
         if jax.process_index() == 0:
-            plots.roc_plot(workdir_files.path(workdir, ROC_BIN_PLOT), curves)
+            plots.roc_plot(workdir_files.path(workdir, workdir_files.ROC_BIN_PLOT), curves)
 
     if jax.process_index() == 0:
         workdir_files.write_eval_metrics(results, workdir)

@@ -221,7 +221,7 @@ def run(workdir: str, root: str, target: str, *, detector_score: bool = True,
         "num_genuine": int(release.same.sum()), "num_impostor": int((~release.same).sum()),
         **verification_metrics(scores, release.same),
     }
-    out = workdir_files.path(workdir, os.path.join(workdir_files.EVAL, f"ijb_{target.lower()}"))
+    out = workdir_files.path(workdir, workdir_files.ijb_results(target))
     with atomic_open(out + ".json") as f:
         json.dump(results, f, indent=2)
     _write_plot(out + ".png", f"{model.config.model.name} ({target})", scores, release.same)
@@ -239,7 +239,8 @@ def main(argv):
     print(f"{results['target']} 1:1 verification, {results['num_pairs']} template pairs "
           f"({results['num_impostor']} impostor) of {results['num_templates']} templates: "
           f"TAR at FAR {tars}; AUC {results['auc']:.4f}")
-    print(f"wrote {os.path.join(f.workdir, 'eval', f'ijb_{f.target.lower()}.json')} and .png")
+    print(f"wrote {workdir_files.path(f.workdir, workdir_files.ijb_results(f.target))}.json "
+          f"and .png")
 
 
 if __name__ == "__main__":
