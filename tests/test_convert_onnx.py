@@ -24,6 +24,12 @@ from jfacerec.models.heads import LinearClassifier
 from test_convert_torch import (apply_fn, assert_close_rows, assert_nothing_written, faces,
                                 torch_embeddings)
 
+# The TorchScript exporter on purpose: it is what released face models were exported with, and it
+# folds BatchNorms into convs; torch warns that it is deprecated.
+pytestmark = pytest.mark.filterwarnings(
+    "ignore:You are using the legacy TorchScript-based ONNX export:DeprecationWarning",
+    "ignore:The feature will be removed:DeprecationWarning")
+
 
 def export(model, path, *, folding=True):
     torch.onnx.export(model, torch.zeros(1, 3, 112, 112), str(path), opset_version=17,
