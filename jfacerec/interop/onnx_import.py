@@ -43,7 +43,6 @@ class _Op:
 
     kind: str
     name: str
-    index: int
     weights: dict[str, np.ndarray]
     input: str
     output: str
@@ -146,36 +145,36 @@ class _Graph:
         op, name = node.op_type, node.name or f"#{index}"
         if op == "Conv":
             bias = self.constant(node, 2) if len(node.input) > 2 and node.input[2] else None
-            return _Op("conv", name, index, {"weight": self.constant(node, 1)},
+            return _Op("conv", name, {"weight": self.constant(node, 1)},
                        self.source(node.input[0]), node.output[0], bias)
         if op == "BatchNormalization":
             eps = float(_attrs(node).get("epsilon", 1e-5))
             weights = {key: self.constant(node, i + 1) for i, key in enumerate(
                 ("weight", "bias", "running_mean", "running_var"))}
             weights["running_var"] = weights["running_var"] + np.float32(eps - BN_EPS)
-            return _Op("bn", name, index, weights, self.source(node.input[0]), node.output[0])
+            return _Op("bn", name, weights, self.source(node.input[0]), node.output[0])
         if op == "PRelu":
-            return _Op("prelu", name, index, {"weight": self.constant(node, 1).reshape(-1)},
+            return _Op("prelu", name, {"weight": self.constant(node, 1).reshape(-1)},
                        node.input[0], node.output[0])
         if op == "Gemm":
-            return self._gemm(index, node)
+            return self._gemm(name, node)
         if op == "MatMul" and node.input[1] in self.constants:
-            return self._matmul(index, node)
+            return self._matmul(name, node)
         return None
 
-    def _gemm(self, index: int, node: Any) -> _Op:
+    def _gemm(self, name: str, node: Any) -> _Op:
         attrs = _attrs(node)
         if attrs.get("transA", 0):
-            raise ValueError(f"{self.path}: Gemm {node.name} transposes its input (transA); "
+            raise ValueError(f"{self.path}: Gemm {name} transposes its input (transA); "
                              f"export the model with a plain Linear layer")
         weight = self.constant(node, 1) * np.float32(attrs.get("alpha", 1.0))
         weight = weight if attrs.get("transB", 0) else weight.T
         bias = (self.constant(node, 2).reshape(-1) * np.float32(attrs.get("beta", 1.0))
                 if len(node.input) > 2 and node.input[2] else None)
-        return _Op("linear", node.name or f"#{index}", index, {"weight": weight}, node.input[0],
+        return _Op("linear", name, {"weight": weight}, node.input[0],
                    node.output[0], bias, self.flattened_channels_last(node.input[0]))
 
-    def _matmul(self, index: int, node: Any) -> _Op:
+    def _matmul(self, name: str, node: Any) -> _Op:
         """x @ W [in, out], and the constant Add after it (its only consumer) as the bias."""
         output, bias = node.output[0], None
         after = self.consumers.get(output, [])
@@ -184,9 +183,8 @@ class _Graph:
             if len(other) == 1 and other[0] in self.constants:
                 output, bias = after[0].output[0], self.constant(after[0], list(
                     after[0].input).index(other[0])).reshape(-1)
-        return _Op("linear", node.name or f"#{index}", index,
-                   {"weight": self.constant(node, 1).T}, node.input[0], output, bias,
-                   self.flattened_channels_last(node.input[0]))
+        return _Op("linear", name, {"weight": self.constant(node, 1).T}, node.input[0], output,
+                   bias, self.flattened_channels_last(node.input[0]))
 
     def input_scale(self, first_conv_input: str) -> np.ndarray | None:
         """The per-channel scale s of the normalisation x * s - 127.5 * s that the graph applies
