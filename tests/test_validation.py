@@ -95,7 +95,7 @@ def test_validation_changes_no_bit_of_training_and_logs_every_set_figure(straigh
     assert list(steps) == [r["step"] for r in val]
     assert list(values) == pytest.approx([r["val/unseen/auc"] for r in val], rel=1e-6)  # float32
     assert plots.training_curves(str(workdir)) is not None
-    assert (workdir / plots.VALIDATION_PLOT).stat().st_size > 5000
+    assert (workdir / workdir_files.VALIDATION_PLOT).stat().st_size > 5000
 
 
 def test_the_best_checkpoint_is_kept_beside_the_newest_and_restores(straight):

@@ -12,8 +12,6 @@ import numpy as np  # noqa: E402
 from jfacerec import metrics  # noqa: E402
 from jfacerec.core import workdir as workdir_files  # noqa: E402
 
-VALIDATION_PLOT = "validation.png"  # beside training.png; to move to core/workdir.py
-
 
 def roc_plot(path: str, curves: dict[str, tuple[np.ndarray, np.ndarray]]) -> None:
     """ROC curves on a log false-accept axis. curves: label -> (scores, same)."""
@@ -98,7 +96,7 @@ def validation_curves(workdir: str, records: list[dict[str, float]]) -> str | No
         ax.grid(True, alpha=0.3)
         ax.legend(fontsize="small")
     fig.tight_layout()
-    out = workdir_files.path(workdir, VALIDATION_PLOT)
+    out = workdir_files.path(workdir, workdir_files.VALIDATION_PLOT)
     fig.savefig(out, dpi=110)
     plt.close(fig)
     return out
