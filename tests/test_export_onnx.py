@@ -137,20 +137,6 @@ def test_the_file_passes_the_checker_with_input_data_and_a_dynamic_batch(exporte
     assert not any(n.name.startswith(("Sub", "Mul", "_minus", "_mul")) for n in graph.node[:8])
 
 
-def test_arcface_onnx_reads_the_file_as_insightfaces_own(exported):
-    arcface_onnx = pytest.importorskip("insightface.model_zoo.arcface_onnx")
-    workdir, path, size = exported
-    model = arcface_onnx.ArcFaceONNX(model_file=path)
-    assert (model.input_mean, model.input_std, model.input_size) == (127.5, 127.5, (size, size))
-    images = np.random.default_rng(2).integers(0, 256, (3, size, size, 3), dtype=np.uint8)
-    bgr = [np.ascontiguousarray(image[:, :, ::-1]) for image in images]  # what cv2 reads
-    got, want = model.get_feat(bgr), _onnx_embed(path, images)
-    # cv2 normalises as (x - 127.5) * (1 / 127.5): the same up to rounding.
-    np.testing.assert_allclose(got, want, atol=1e-4 * max(1.0, np.abs(want).max()))
-    unit = lambda e: e / np.linalg.norm(e, axis=1, keepdims=True)  # noqa: E731
-    np.testing.assert_allclose(unit(got), unit(want), atol=1e-4)
-
-
 def _assert_one_line_error(result, *words):
     assert result.returncode == 1, result.stderr
     lines = result.stderr.strip().splitlines()

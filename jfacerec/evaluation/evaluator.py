@@ -13,6 +13,7 @@ Writes WORKDIR/eval/metrics.json, roc.png and scores.png (names in jfacerec/core
 from __future__ import annotations
 
 import os
+import sys
 from typing import Sequence
 
 import jax
@@ -28,7 +29,8 @@ from jfacerec.data.records import Source
 from jfacerec.evaluation import bin_sets as bins
 from jfacerec.evaluation import plots, protocols
 from jfacerec.inference import matcher
-from jfacerec.inference.restore import make_embed_fn, make_logits_fn, restore, run_over
+from jfacerec.inference.restore import (checkpoint_classes, make_embed_fn, make_logits_fn,
+                                        restore, run_over)
 
 
 def verification_metrics(scores: np.ndarray, same: np.ndarray, folds: int) -> dict[str, float]:
@@ -85,7 +87,10 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str,
     bin_data = [read_bin(p) for p in bin_paths]  # a bad file fails before any work
     bins.check_names(bin_data)
     dataset = sources.get_dataset(config)
-    restored = restore(config, workdir, dataset.num_classes)
+    # A converted model (python -m jfacerec.convert) carries a head of its own class count:
+    # its embeddings are evaluated, its classes are not the dataset's.
+    classes = checkpoint_classes(workdir)
+    restored = restore(config, workdir, classes)
     os.makedirs(workdir_files.path(workdir, workdir_files.EVAL), exist_ok=True)
     variables = restored.variables
     run = dict(batch_size=config.eval.batch_size, image_size=config.image_size,
@@ -96,7 +101,10 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str,
         "flip_averaged": bool(config.eval.flip),
     }
 
-    if dataset.test is not None:
+    if dataset.test is not None and classes != dataset.num_classes:
+        print(f"classification skipped: the model's head has {classes} classes, "
+              f"{config.dataset.name} has {dataset.num_classes}", file=sys.stderr)
+    elif dataset.test is not None:
         logits_fn = make_logits_fn(restored.model, flip=config.eval.flip)
         logits, labels = run_over(logits_fn, variables, dataset.test, desc="classification", **run)
         results["classification/top1"] = metrics.top_k_accuracy(logits, labels, 1)

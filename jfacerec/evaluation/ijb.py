@@ -18,11 +18,9 @@ TAR at FAR 1e-6 ... 1e-1 and AUC in W/eval/ijb_<t>.json, and the ROC in W/eval/i
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import json
 import os
-import secrets
 
 import numpy as np
 from absl import flags
@@ -187,18 +185,6 @@ def verification_metrics(scores: np.ndarray, same: np.ndarray) -> dict[str, floa
     return results
 
 
-def _write_plot(path: str, label: str, scores: np.ndarray, same: np.ndarray) -> None:
-    """roc_plot written beside `path` and renamed onto it: never half a picture."""
-    directory, name = os.path.split(path)
-    tmp = os.path.join(directory, f".{secrets.token_hex(8)}.{name}")
-    try:
-        plots.roc_plot(tmp, {label: (scores, same)})
-        os.replace(tmp, path)
-    finally:
-        with contextlib.suppress(FileNotFoundError):
-            os.remove(tmp)
-
-
 def run(workdir: str, root: str, target: str, *, detector_score: bool = True,
         norm_score: bool = True, flip: bool = True) -> dict:
     """Scores the release's template pairs with the model in `workdir`; writes
@@ -224,7 +210,8 @@ def run(workdir: str, root: str, target: str, *, detector_score: bool = True,
     out = workdir_files.path(workdir, workdir_files.ijb_results(target))
     with atomic_open(out + ".json") as f:
         json.dump(results, f, indent=2)
-    _write_plot(out + ".png", f"{model.config.model.name} ({target})", scores, release.same)
+    plots.roc_plot(out + ".png", {f"{model.config.model.name} ({target})": (scores, release.same)},
+                   min_far=min(FARS))
     return results
 
 

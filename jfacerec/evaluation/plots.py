@@ -11,25 +11,37 @@ import numpy as np  # noqa: E402
 
 from jfacerec import metrics  # noqa: E402
 from jfacerec.core import workdir as workdir_files  # noqa: E402
+from jfacerec.core.atomic import atomic_open  # noqa: E402
 
 
-def roc_plot(path: str, curves: dict[str, tuple[np.ndarray, np.ndarray]]) -> None:
-    """ROC curves on a log false-accept axis. curves: label -> (scores, same)."""
+def _save(fig: plt.Figure, path: str, dpi: int) -> None:
+    """Writes `fig` as a PNG atomically (a reader sees the old picture or the new one) and closes
+    it."""
+    try:
+        with atomic_open(path, "wb") as f:
+            fig.savefig(f, format="png", dpi=dpi)
+    finally:
+        plt.close(fig)
+
+
+def roc_plot(path: str, curves: dict[str, tuple[np.ndarray, np.ndarray]], *,
+             min_far: float = 1e-4) -> None:
+    """ROC curves on a log false-accept axis from `min_far` to 1. curves: label -> (scores,
+    same)."""
     fig, ax = plt.subplots(figsize=(5.5, 4.5))
     for label, (scores, same) in curves.items():
         fpr, tpr, _ = metrics.roc_curve(scores, same)
         auc = metrics.roc_auc(scores, same)
-        ax.plot(np.maximum(fpr, 1e-4), tpr, label=f"{label} (AUC {auc:.3f})")
+        ax.plot(np.maximum(fpr, min_far), tpr, label=f"{label} (AUC {auc:.3f})")
     ax.set_xscale("log")
-    ax.set_xlim(1e-4, 1.0)
+    ax.set_xlim(min_far, 1.0)
     ax.set_ylim(0.0, 1.01)
     ax.set_xlabel("false accept rate")
     ax.set_ylabel("true accept rate")
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(loc="lower right")
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    _save(fig, path, 120)
 
 
 def score_histogram(path: str, scores: np.ndarray, same: np.ndarray,
@@ -45,8 +57,7 @@ def score_histogram(path: str, scores: np.ndarray, same: np.ndarray,
     ax.set_ylabel("density")
     ax.legend()
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    _save(fig, path, 120)
 
 
 def training_curves(workdir: str) -> str | None:
@@ -68,8 +79,7 @@ def training_curves(workdir: str) -> str | None:
         ax.grid(True, alpha=0.3)
     fig.tight_layout()
     out = workdir_files.path(workdir, workdir_files.TRAINING_PLOT)
-    fig.savefig(out, dpi=110)
-    plt.close(fig)
+    _save(fig, out, 110)
     return out
 
 
@@ -97,6 +107,5 @@ def validation_curves(workdir: str, records: list[dict[str, float]]) -> str | No
         ax.legend(fontsize="small")
     fig.tight_layout()
     out = workdir_files.path(workdir, workdir_files.VALIDATION_PLOT)
-    fig.savefig(out, dpi=110)
-    plt.close(fig)
+    _save(fig, out, 110)
     return out

@@ -24,13 +24,14 @@ import jax
 import numpy as np
 
 from jfacerec.core import workdir as workdir_files
-from jfacerec.core.checkpoint import Checkpointer
+from jfacerec.core.checkpoint import select_step
 from jfacerec.data import images as image_io
 from jfacerec.data.align import AlignedFileSource, align, load_aligned
 from jfacerec.data.folders import ImageFiles
 from jfacerec.data.records import ArraySource, ImageFileSource, Source
 from jfacerec.inference.gallery import Gallery, Match
-from jfacerec.inference.restore import Restored, make_embed_fn, make_logits_fn, restore, run_over
+from jfacerec.inference.restore import (Restored, checkpoint_classes, make_embed_fn,
+                                        make_logits_fn, restore, run_over)
 from jfacerec.models import FaceModel, xla_cpu
 
 ImageLike = Any  # a path, a PIL image, or an array [h, w] / [h, w, 1|3|4]
@@ -74,13 +75,11 @@ class FaceRecognizer:
     """A trained model restored from a workdir (see `load`)."""
 
     def __init__(self, workdir: str, *, threshold: float | None = None, step: int | None = None,
-                 batch_size: int = 64):
+                 checkpoint: str = "latest", batch_size: int = 64):
         self.workdir = workdir
         self.config = workdir_files.read_config(workdir)
-        meta = Checkpointer(workdir, read_only=True).meta(step)
-        kernel = next(shape for key, shape in meta["param_shapes"].items()
-                      if key.startswith("['classifier']") and key.endswith("['kernel']"))
-        self.num_classes = kernel[-1]
+        step = select_step(workdir, step=step, checkpoint=checkpoint)
+        self.num_classes = checkpoint_classes(workdir, step)
         self._restored: Restored = restore(self.config, workdir, self.num_classes, step=step)
         self.step = self._restored.step
         self.image_size = int(self.config.image_size)
@@ -232,6 +231,8 @@ def _as_list(images: ImageLike | Sequence[ImageLike]) -> list[ImageLike]:
 
 
 def load(workdir: str, *, threshold: float | None = None, step: int | None = None,
-         batch_size: int = 64) -> FaceRecognizer:
-    """The model trained in `workdir` (newest checkpoint, or `step`)."""
-    return FaceRecognizer(workdir, threshold=threshold, step=step, batch_size=batch_size)
+         checkpoint: str = "latest", batch_size: int = 64) -> FaceRecognizer:
+    """The model trained in `workdir`: its newest intact checkpoint, checkpoint `step`, or with
+    `checkpoint="best"` the best by validation during training (config.eval.every_steps)."""
+    return FaceRecognizer(workdir, threshold=threshold, step=step, checkpoint=checkpoint,
+                          batch_size=batch_size)

@@ -41,6 +41,15 @@ def abstract_variables(model: FaceModel, image_size: int,
         shapes)
 
 
+def checkpoint_classes(workdir: str, step: int | None = None) -> int:
+    """The class count of the classifier saved in `workdir`'s checkpoint `step` (or the newest
+    intact one), read from its metadata: a converted model's head need not fit the dataset of the
+    config it is evaluated with."""
+    meta = Checkpointer(workdir, read_only=True).meta(step)
+    return next(shape[-1] for key, shape in meta["param_shapes"].items()
+                if key.startswith("['classifier']") and key.endswith("['kernel']"))
+
+
 def restore(config: ml_collections.ConfigDict, workdir: str, num_classes: int, *,
             step: int | None = None, checkpoint: str = "latest") -> Restored:
     """The model of `config` with the weights of a checkpoint in `workdir`: `step`; with
