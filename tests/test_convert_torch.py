@@ -236,3 +236,18 @@ def test_a_non_empty_workdir_is_refused_and_kept(saved, tmp_path):
     with pytest.raises(ValueError, match="not empty"):
         interop.convert_torch(path, "iresnet18", str(tmp_path / "w"))
     assert os.listdir(tmp_path / "w") == ["notes.txt"]
+
+
+def test_evaluate_measures_a_converted_model_whose_head_is_not_the_datasets(saved, tmp_path):
+    from jfacerec.evaluation.evaluator import evaluate
+
+    _, path = saved["iresnet18"]
+    workdir = str(tmp_path / "r18")
+    interop.convert_torch(path, "iresnet18", workdir)  # a 1-class head; the dataset below has 3
+    config = workdir_files.read_config(workdir)
+    config.dataset.update(num_identities=3, train_images=1, test_images=1,
+                          num_unseen_identities=4, unseen_images=2)
+    config.eval.update(num_pairs=12, folds=2, batch_size=8)
+    results = evaluate(config, workdir)
+    assert "classification/top1" not in results
+    assert 0.0 <= results["verification/auc"] <= 1.0 and results["step"] == 0

@@ -14,6 +14,7 @@ import jax
 import numpy as np
 import pytest
 
+import jfacerec
 from conftest import REPO, tiny_config
 from jfacerec.core import parallel
 from jfacerec.core import workdir as workdir_files
@@ -115,6 +116,9 @@ def test_the_best_checkpoint_is_kept_beside_the_newest_and_restores(straight):
     chex.assert_trees_all_equal(jax.device_get(restored.variables["params"]),
                                 restore_state(workdir, best_step).params)
     assert restore(config, str(workdir), 8).step == 16
+    # The public loader: the best by name, the newest by default.
+    assert jfacerec.load(str(workdir), checkpoint="best").step == best_step
+    assert jfacerec.load(str(workdir)).step == 16
 
 
 def test_eer_as_best_metric_picks_the_lowest(tmp_path):
