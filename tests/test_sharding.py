@@ -15,6 +15,8 @@ from conftest import tiny_config
 from jfacerec import losses
 from jfacerec.core import parallel
 from jfacerec.losses import sharded_softmax
+from jfacerec.core.checkpoint import Checkpointer
+from jfacerec.inference.restore import checkpoint_classes, checkpoint_columns, restore
 from jfacerec.training import abstract_train_state, train
 
 MESHES = [(8, 1), (4, 2), (2, 4)]  # (data, model)
@@ -45,12 +47,13 @@ def unsharded(name, options, smoothing):
     return lambda x, w, b, y: fn(x, w, y, label_smoothing=smoothing, **options)
 
 
-def sharded(mesh, name, options, smoothing, sample_rate=1.0, seed=0):
+def sharded(mesh, name, options, smoothing, sample_rate=1.0, seed=0, num_classes=0):
     margin = None if name == "softmax" else sharded_softmax.margin_fn(name, options)
 
     def loss(x, w, b, y):
         head = sharded_softmax.ShardedHead(mesh, "linear" if name == "softmax" else "cosine",
-                                           1.0, w, b, sample_rate, jax.random.key(seed))
+                                           1.0, w, b, sample_rate, jax.random.key(seed),
+                                           num_classes)
         return sharded_softmax.cross_entropy(head, x, y, margin=margin, label_smoothing=smoothing)
 
     return loss
@@ -80,6 +83,102 @@ def test_sharded_softmax_equals_the_unsharded_losses_and_gradients(shape):
         if name != "softmax":  # the cosine head has no bias
             got_grads, want_grads = got_grads[:2], want_grads[:2]
         chex.assert_trees_all_close(got_grads, want_grads, **GRAD_TOL, custom_message=name)
+
+
+ALL_MESHES = MESHES + [(1, 8)]
+# One loss per class count keeps the compiles few: the linear head with its bias, the cosine one.
+PADDED_CASES = {1001: ("softmax", {}, 0.1), 93: ("arcface", dict(scale=32.0, margin=0.5), 0.1)}
+
+
+def padded(w, b, columns):
+    """The head padded with random columns [dim, columns] and bias [columns]: whatever the
+    padding holds, it must not matter."""
+    extra = columns - w.shape[1]
+    k = jax.random.split(jax.random.key(7), 2)
+    return (jnp.concatenate([w, jax.random.normal(k[0], (w.shape[0], extra))], axis=1),
+            jnp.concatenate([b, jax.random.normal(k[1], (extra,))]))
+
+
+@pytest.mark.parametrize("classes", [1001, 93])
+@pytest.mark.parametrize("shape", ALL_MESHES, ids=lambda s: f"{s[0]}x{s[1]}")
+def test_a_padded_head_equals_the_unsplit_one_on_every_mesh(shape, classes):
+    """1,001 and 93 classes padded to a multiple of 128 (the width every mesh restores): the
+    loss and the classes' gradients are the unpadded head's; the padding gets no gradient."""
+    mesh = mesh_of(shape)
+    columns = parallel.pad_to_multiple(classes)
+    x, w, b, y = problem(batch=16, dim=8, classes=classes)
+    wp, bp = padded(w, b, columns)
+    wp = jax.device_put(wp, parallel.class_sharding(mesh, 2))
+    name, options, smoothing = PADDED_CASES[classes]
+    grad = lambda f: jax.jit(jax.value_and_grad(f, argnums=(0, 1, 2)))  # noqa: E731
+    want, (wx, ww, wb) = grad(unsharded(name, options, smoothing))(x, w, b, y)
+    got, (gx, gw, gb) = grad(sharded(mesh, name, options, smoothing,
+                                     num_classes=classes))(x, wp, bp, y)
+    chex.assert_trees_all_close(got, want, **LOSS_TOL)
+    chex.assert_trees_all_close((gx, gw[:, :classes]), (wx, ww), **GRAD_TOL)
+    assert not np.any(np.asarray(gw[:, classes:]))
+    if name == "softmax":
+        chex.assert_trees_all_close(gb[:classes], wb, **GRAD_TOL)
+        assert not np.any(np.asarray(gb[classes:]))
+
+
+@pytest.mark.parametrize("shape", ALL_MESHES, ids=lambda s: f"{s[0]}x{s[1]}")
+def test_partial_fc_on_a_padded_head_is_the_softmax_over_the_sampled_classes(shape):
+    """PartialFC (0.3) over 93 classes padded to 128: no padded column is sampled or gets
+    gradient, and the loss and gradients are the unsplit loss over the classes it sampled."""
+    mesh = mesh_of(shape)
+    classes, columns = 93, parallel.pad_to_multiple(93)
+    x, w, b, y = problem(batch=8, dim=8, classes=classes)
+    wp, bp = padded(w, b, columns)
+    options = dict(scale=32.0, margin=0.5)
+    got, (gx, gw) = jax.jit(jax.value_and_grad(
+        sharded(mesh, "arcface", options, 0.1, sample_rate=0.3, num_classes=classes),
+        argnums=(0, 1)))(x, wp, bp, y)
+    sampled = np.flatnonzero(np.any(np.asarray(gw) != 0, axis=0))
+    assert sampled.max() < classes and set(np.asarray(y).tolist()) <= set(sampled.tolist())
+    assert len(sampled) < classes  # negatives were left out
+    remap = jnp.asarray(np.searchsorted(sampled, np.asarray(y)), jnp.int32)
+    want, (wx, ww) = jax.jit(jax.value_and_grad(
+        unsharded("arcface", options, 0.1), argnums=(0, 1)))(x, w[:, sampled], b, remap)
+    chex.assert_trees_all_close(got, want, **LOSS_TOL)
+    chex.assert_trees_all_close((gx, gw[:, sampled]), (wx, ww), **GRAD_TOL)
+
+
+def test_padded_classes_pad_only_what_the_mesh_cannot_split():
+    assert parallel.padded_classes(93_431, mesh_of((8, 1))) == 93_431
+    assert parallel.padded_classes(93_431, mesh_of((1, 8))) == 93_440
+    assert parallel.padded_classes(360_232, mesh_of((1, 8))) == 360_232  # 8 divides it
+    assert parallel.padded_classes(1001, mesh_of((4, 2))) == 1024
+    assert parallel.padded_classes(2_000_000, mesh_of((1, 8))) == 2_000_000
+
+
+def test_a_head_padded_on_1x8_restores_on_8x1_and_4x2_with_exactly_its_classes(tmp_path):
+    """13 identities trained on a 1x8 mesh (head padded to 128 columns): the model restores on
+    8x1 and 4x2 with 13 logits, the same ones; the train state restores on 4x2 to resume."""
+    config = tiny_config(num_devices=8, total_steps=2, checkpoint_every_steps=2,
+                         **{"mesh.model": 8, "dataset.num_identities": 13, "loss.name": "arcface"})
+    workdir = str(tmp_path / "w")
+    trained = train(config, workdir)
+    assert trained.params["classifier"]["kernel"].shape[1] == 128
+    assert (checkpoint_columns(workdir), checkpoint_classes(workdir)) == (128, 13)
+    images = jax.random.uniform(jax.random.key(3), (8, 16, 16, 3))
+    logits = {}
+    for shape in [(1, 8), (8, 1), (4, 2)]:
+        other = tiny_config(num_devices=8, **{"mesh.model": shape[1],
+                                              "dataset.num_identities": 13, "loss.name": "arcface"})
+        restored = restore(other, workdir, 13)
+        logits[shape] = np.asarray(restored.model.apply(restored.variables, images))
+        assert logits[shape].shape == (8, 13)
+    np.testing.assert_allclose(logits[(8, 1)], logits[(1, 8)], rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(logits[(4, 2)], logits[(1, 8)], rtol=1e-5, atol=1e-5)
+    resumed = tiny_config(num_devices=8, **{"mesh.model": 2, "dataset.num_identities": 13,
+                                            "loss.name": "arcface"})
+    _, _, abstract = abstract_train_state(resumed, 13, mesh_of((4, 2)),
+                                          class_columns=checkpoint_columns(workdir))
+    state, _, step = Checkpointer(workdir, read_only=True).restore(abstract)
+    assert step == 2
+    np.testing.assert_array_equal(np.asarray(state.params["classifier"]["kernel"]),
+                                  np.asarray(trained.params["classifier"]["kernel"]))
 
 
 def test_sharded_accuracy_is_the_top1_of_the_full_logits():

@@ -84,12 +84,38 @@ def class_sharding(mesh: Mesh, ndim: int) -> NamedSharding:
     return NamedSharding(mesh, P(*([None] * (ndim - 1)), MODEL_AXIS))
 
 
-def check_class_split(num_classes: int, mesh: Mesh) -> None:
-    """Raises unless the classes split evenly over the mesh's `model` devices."""
+# A class count that does not split over `model` is padded to a multiple of this, whatever the
+# mesh: a head padded on 1x8 has the width a 4x2 or 8x1 mesh restores (every power of two up to
+# 128 divides it), and 128 columns are a TPU lane's width.
+CLASS_MULTIPLE = 128
+
+
+def padded_classes(num_classes: int, mesh: Mesh) -> int:
+    """The head's columns for `num_classes` classes on `mesh`: the classes themselves when they
+    split evenly over `model` (checkpoints of such heads are unchanged), else the next multiple of
+    CLASS_MULTIPLE. The padded columns are masked out of every loss, accuracy and logit."""
     model = mesh.shape[MODEL_AXIS]
-    if num_classes % model:
-        raise ValueError(f"{num_classes} classes do not split evenly over mesh.model={model} "
-                         f"devices; choose a mesh.model that divides the number of classes")
+    if num_classes % model == 0:
+        return num_classes
+    if CLASS_MULTIPLE % model:
+        raise ValueError(f"{num_classes} classes do not split over mesh.model={model} devices "
+                         f"and {model} does not divide {CLASS_MULTIPLE}; choose a mesh.model "
+                         f"that divides {CLASS_MULTIPLE} or the number of classes")
+    return pad_to_multiple(num_classes)
+
+
+def pad_to_multiple(num_classes: int) -> int:
+    """num_classes rounded up to a multiple of CLASS_MULTIPLE."""
+    return -(-num_classes // CLASS_MULTIPLE) * CLASS_MULTIPLE
+
+
+def check_class_split(columns: int, mesh: Mesh) -> None:
+    """Raises unless the head's columns split evenly over the mesh's `model` devices."""
+    model = mesh.shape[MODEL_AXIS]
+    if columns % model:
+        raise ValueError(f"a head of {columns} columns does not split evenly over "
+                         f"mesh.model={model} devices; choose a mesh.model that divides "
+                         f"{columns}")
 
 
 def barrier(name: str, timeout_s: int = 1800) -> None:

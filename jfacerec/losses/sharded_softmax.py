@@ -11,8 +11,11 @@ on one shard: its cosine is summed across the shards (zero elsewhere), margined,
 PartialFC (An et al. 2022): with `sample_rate` r < 1 each shard keeps the positive classes of the
 global batch that it holds plus random negatives, about r of its columns (as insightface's
 partial_fc_v2), and the softmax runs over those; only they get gradient. A shard keeps at least as
-many columns as the global batch has rows, so every positive fits (fixed shapes under jit). The
-classes must split evenly over `model` (shard_map's equal blocks).
+many columns as the global batch has rows, so every positive fits (fixed shapes under jit).
+
+The columns must split evenly over `model` (shard_map's equal blocks): a class count that does not
+is padded (core/parallel.py padded_classes). Padded columns are masked out: no probability in the
+softmax, never a margin's target, never the top-1, never a sampled negative, so no gradient.
 """
 
 from __future__ import annotations
@@ -39,8 +42,9 @@ MarginFn = Callable[[jax.Array, jax.Array], tuple[jax.Array, Any]]
 class ShardedHead:
     """The classifier head of a step, as the sharded losses see it.
 
-    kernel [dim, num_classes] and bias [num_classes] (None for the cosine head) are the model's
+    kernel [dim, columns] and bias [columns] (None for the cosine head) are the model's
     `params["classifier"]`, split over `model` by columns; `rng` draws PartialFC's negatives.
+    The first `num_classes` columns are classes (0: all of them), the rest padding.
     """
 
     mesh: Mesh
@@ -50,10 +54,15 @@ class ShardedHead:
     bias: jax.Array | None
     sample_rate: float
     rng: jax.Array
+    num_classes: int = 0
 
     @property
-    def num_classes(self) -> int:
+    def columns(self) -> int:
         return self.kernel.shape[-1]
+
+    @property
+    def classes(self) -> int:
+        return self.num_classes or self.columns
 
 
 def _options(fn: Callable, options: dict[str, Any]) -> dict[str, Any]:
@@ -98,10 +107,12 @@ def _per_example(head: ShardedHead, embeddings: jax.Array, labels: jax.Array,
     the target logit. Correctness uses the head's logits without margin, as the unsharded metric.
     """
     mesh = head.mesh
-    parallel.check_class_split(head.num_classes, mesh)
-    columns = head.num_classes // mesh.shape[MODEL_AXIS]
+    parallel.check_class_split(head.columns, mesh)
+    if head.classes > head.columns:
+        raise ValueError(f"{head.classes} classes do not fit a head of {head.columns} columns")
+    columns = head.columns // mesh.shape[MODEL_AXIS]
     keep = _num_sampled(columns, head.sample_rate, labels.shape[0])
-    bias = head.bias if head.bias is not None else jnp.zeros((head.num_classes,))
+    bias = head.bias if head.bias is not None else jnp.zeros((head.columns,))
 
     def body(x, w, b, y, key_data):
         # x [b, D] (this data shard's rows, on each of its model shards), w [D, c], b [c], y [b].
@@ -114,10 +125,13 @@ def _per_example(head: ShardedHead, embeddings: jax.Array, labels: jax.Array,
             positive = jnp.zeros((columns,), bool).at[local].set(True, mode="drop")
             key = jax.random.fold_in(jax.random.wrap_key_data(key_data),
                                      lax.axis_index(MODEL_AXIS))
+            # Positives first, then random classes; padding only where no class is left.
             score = jnp.where(positive, 2.0, jax.random.uniform(key, (columns,)))
+            score = jnp.where(cols < head.classes, score, -1.0)
             chosen = jnp.sort(lax.top_k(score, keep)[1])
             w, b, cols = w[:, chosen], b[chosen], cols[chosen]
         onehot = cols[None, :] == y[:, None]  # [b, c]; the label column, on one shard only
+        valid = (cols < head.classes)[None, :]  # [1, c]; False on padded columns
         cos = losses.cosine_logits(x, w)
         raw = head.scale * cos if head.kind == "cosine" else x.astype(jnp.float32) @ w + b
 
@@ -129,6 +143,7 @@ def _per_example(head: ShardedHead, embeddings: jax.Array, labels: jax.Array,
         else:
             target, scale = margin(across(jnp.where(onehot, cos, 0.0)), x)
             z = scale * jnp.where(onehot, target[:, None], cos)
+        z = jnp.where(valid, z, -jnp.inf)
         z_y = across(jnp.where(onehot, z, 0.0))
         # The max only steadies exp; the log-sum-exp's gradient does not flow through it.
         m = lax.pmax(lax.stop_gradient(jnp.max(z, axis=-1)), MODEL_AXIS)
@@ -136,10 +151,11 @@ def _per_example(head: ShardedHead, embeddings: jax.Array, labels: jax.Array,
         loss = lse - z_y
         if label_smoothing:
             # Target (1 - eps) on the label and eps / K on each of the K classes in the softmax.
-            k = keep * mesh.shape[MODEL_AXIS]
-            loss = lse - (1.0 - label_smoothing) * z_y - label_smoothing / k * across(z)
+            k = across(valid.astype(jnp.float32))
+            loss = (lse - (1.0 - label_smoothing) * z_y
+                    - label_smoothing / k * across(jnp.where(valid, z, 0.0)))
         # Top-1: the best local score, then the smallest class among the shards that hold the max.
-        scores = lax.stop_gradient(raw)
+        scores = jnp.where(valid, lax.stop_gradient(raw), -jnp.inf)
         best = jnp.max(scores, axis=-1)
         candidate = jnp.where(best == lax.pmax(best, MODEL_AXIS),
                               cols[jnp.argmax(scores, axis=-1)], jnp.iinfo(jnp.int32).max)

@@ -28,7 +28,9 @@ class FaceModel(nn.Module):
     Called on images [batch, height, width, 3] it returns float32 logits [batch, num_classes], or
     the embeddings [batch, embedding_dim] with `return_feats=True`. The head is "linear" (softmax
     training) or "cosine" (scale * cos, the margin losses' class weights as an extra layer); its
-    kernel [embedding_dim, num_classes] is `params["classifier"]["kernel"]`.
+    kernel [embedding_dim, class_columns] is `params["classifier"]["kernel"]`; `class_columns`
+    (0: num_classes) pads the classes to split evenly over the mesh, and the padding never
+    reaches the logits.
     """
 
     backbone: nn.Module
@@ -38,13 +40,15 @@ class FaceModel(nn.Module):
     dtype: Any = jnp.float32
     head: str = "linear"
     head_scale: float = 64.0
+    class_columns: int = 0
 
     def setup(self):
         self.embed_head = EmbeddingHead(self.embedding_dim, self.dropout, self.dtype)
         if self.head == "linear":
-            self.classifier = LinearClassifier(self.num_classes)
+            self.classifier = LinearClassifier(self.num_classes, self.class_columns)
         elif self.head == "cosine":
-            self.classifier = CosineClassifier(self.num_classes, self.head_scale)
+            self.classifier = CosineClassifier(self.num_classes, self.head_scale,
+                                               self.class_columns)
         else:
             raise ValueError(f"unknown head {self.head!r}; choose 'linear' or 'cosine'")
 
@@ -76,14 +80,14 @@ def _builder(make_backbone, default_norm: str):
     def build(*, num_classes: int, embedding_dim: int = 128, norm: str | None = None,
               norm_groups: int = 32, width_multiplier: float = 1.0, dropout: float = 0.0,
               dropblock: float = 0.0, dtype: Any = jnp.float32, head: str = "linear",
-              head_scale: float = 64.0) -> FaceModel:
+              head_scale: float = 64.0, class_columns: int = 0) -> FaceModel:
         options = dict(norm=norm or default_norm, norm_groups=norm_groups,
                        width_multiplier=width_multiplier, dropout=dropout, dropblock=dropblock,
                        dtype=dtype, embedding_dim=embedding_dim)
         # Backbones with their own embedding layer take the dropout; others leave it to the head.
         backbone, own_head = make_backbone(**options)
         return FaceModel(backbone, num_classes, embedding_dim, 0.0 if own_head else dropout,
-                         dtype, head, head_scale)
+                         dtype, head, head_scale, class_columns)
 
     return build
 
@@ -138,7 +142,7 @@ _MODELS: dict[str, Callable[..., FaceModel]] = {
 
 def get_model(name: str, **kwargs) -> FaceModel:
     """The model registered under `name`, built with `kwargs` (num_classes, embedding_dim, norm,
-    norm_groups, width_multiplier, dropout, dropblock, dtype, head, head_scale)."""
+    norm_groups, width_multiplier, dropout, dropblock, dtype, head, head_scale, class_columns)."""
     try:
         build = _MODELS[name]
     except KeyError:
@@ -150,15 +154,17 @@ def registered_models() -> list[str]:
     return sorted(_MODELS)
 
 
-def from_config(config: ml_collections.ConfigDict, num_classes: int) -> FaceModel:
-    """The model a training config names, with `num_classes` classes and the head its loss needs."""
+def from_config(config: ml_collections.ConfigDict, num_classes: int,
+                class_columns: int = 0) -> FaceModel:
+    """The model a training config names, with `num_classes` classes and the head its loss needs
+    (`class_columns` wide, 0: num_classes; see core/parallel.py padded_classes)."""
     m = config.model
     head, head_scale = Objective.from_config(config).head
     return get_model(m.name, num_classes=num_classes, embedding_dim=m.embedding_dim, norm=m.norm,
                      norm_groups=m.norm_groups, width_multiplier=m.width_multiplier,
                      dropout=m.dropout, dropblock=m.dropblock,
                      dtype=jnp.dtype(config.dtype), head=head,
-                     head_scale=head_scale)
+                     head_scale=head_scale, class_columns=class_columns)
 
 
 __all__ = ["FaceModel", "NORMS", "Norm", "from_config", "get_model", "registered_models"]

@@ -30,32 +30,41 @@ class EmbeddingHead(nn.Module):
 
 
 class LinearClassifier(nn.Module):
-    """Logits = embedding @ W + b, with W [embedding_dim, num_classes]."""
+    """Logits [batch, num_classes] = embedding @ W + b, with W [embedding_dim, columns].
+
+    `columns` (0: num_classes) may exceed num_classes: the padding that splits the classes evenly
+    over the mesh (core/parallel.py padded_classes). Padded columns never reach the logits.
+    """
 
     num_classes: int
+    columns: int = 0
 
     @nn.compact
     def __call__(self, embeddings: jax.Array) -> jax.Array:
+        width = self.columns or self.num_classes
         kernel = self.param("kernel", nn.initializers.lecun_normal(),
-                            (embeddings.shape[-1], self.num_classes), jnp.float32)
-        bias = self.param("bias", nn.initializers.zeros, (self.num_classes,), jnp.float32)
-        return embeddings.astype(jnp.float32) @ kernel + bias
+                            (embeddings.shape[-1], width), jnp.float32)
+        bias = self.param("bias", nn.initializers.zeros, (width,), jnp.float32)
+        return (embeddings.astype(jnp.float32) @ kernel + bias)[..., :self.num_classes]
 
 
 class CosineClassifier(nn.Module):
     """Logits = scale * cos(theta): normalised embeddings against normalised class weights.
 
-    The kernel [embedding_dim, num_classes] holds the class weights that margin losses (ArcFace,
-    CosFace, SphereFace) train; at evaluation these logits carry no margin.
+    The kernel [embedding_dim, columns] holds the class weights that margin losses (ArcFace,
+    CosFace, SphereFace) train; at evaluation these logits carry no margin. Logits
+    [batch, num_classes]: padded columns (columns > num_classes) never reach them.
     """
 
     num_classes: int
     scale: float = 64.0
+    columns: int = 0
 
     @nn.compact
     def __call__(self, embeddings: jax.Array) -> jax.Array:
         # Columns of about unit norm: the gradient on a normalised weight scales with 1 / |w|,
         # so arcface_torch's N(0, 0.01) start would multiply the step on 512-d weights by ~20.
         kernel = self.param("kernel", nn.initializers.lecun_normal(),
-                            (embeddings.shape[-1], self.num_classes), jnp.float32)
-        return self.scale * cosine_logits(embeddings, kernel)
+                            (embeddings.shape[-1], self.columns or self.num_classes),
+                            jnp.float32)
+        return self.scale * cosine_logits(embeddings, kernel[:, :self.num_classes])

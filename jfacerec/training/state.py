@@ -25,7 +25,9 @@ class TrainState:
     params: Any
     batch_stats: Any  # BatchNorm running statistics; an empty dict for other norms
     opt_state: Any
-    centers: Any  # center-loss class centres [num_classes, dim]; {} when unused
+    # Center-loss class centres [num_classes, dim], replicated (never split over `model`, so never
+    # padded); {} when unused.
+    centers: Any
     center_opt_state: Any  # their optimizer's state when they are trained as parameters
 
 
@@ -42,10 +44,16 @@ def init_state(model: FaceModel, tx: optax.GradientTransformation, image_size: i
 
 
 def abstract_train_state(config: ml_collections.ConfigDict, num_classes: int,
-                         mesh: jax.sharding.Mesh):
-    """(model, optimizer, abstract state with shardings): shapes only, nothing computed."""
-    parallel.check_class_split(num_classes, mesh)
-    model = models.from_config(config, num_classes)
+                         mesh: jax.sharding.Mesh, *, class_columns: int = 0):
+    """(model, optimizer, abstract state with shardings): shapes only, nothing computed.
+
+    The head has `class_columns` columns (0: `parallel.padded_classes(num_classes, mesh)`, the
+    classes padded to split over `model` when they do not); a checkpoint's own width restores it
+    on any mesh that splits it.
+    """
+    columns = class_columns or parallel.padded_classes(num_classes, mesh)
+    parallel.check_class_split(columns, mesh)
+    model = models.from_config(config, num_classes, columns)
     tx = make_optimizer(config)
     objective = Objective.from_config(config)
     shapes = jax.eval_shape(lambda: init_state(model, tx, config.image_size,

@@ -52,7 +52,7 @@ def make_train_step(model: FaceModel, tx: optax.GradientTransformation,
         return sharded_softmax.ShardedHead(
             mesh, head_kind, head_scale, params["classifier"]["kernel"],
             params["classifier"].get("bias"), config.loss.sample_rate,
-            jax.random.fold_in(rng, sampler_tag))
+            jax.random.fold_in(rng, sampler_tag), model.num_classes)
 
     def step(state: TrainState, batch: dict[str, jax.Array]):
         rng = jax.random.fold_in(base_rng, state.step)
@@ -70,7 +70,9 @@ def make_train_step(model: FaceModel, tx: optax.GradientTransformation,
                                                       method=FaceModel.classify)
             total, parts = objective(
                 embeddings=embeddings, logits=logits, labels=labels, step=state.step,
-                class_weights=params["classifier"]["kernel"], sharded_head=head,
+                # Without the padded columns (see core/parallel.py padded_classes).
+                class_weights=params["classifier"]["kernel"][:, :model.num_classes],
+                sharded_head=head,
                 centers=centers if train_centers else jax.lax.stop_gradient(centers))
             return total, (logits, embeddings, updates.get("batch_stats", {}), parts)
 
