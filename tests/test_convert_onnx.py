@@ -6,6 +6,7 @@ bias; unfolded, every BatchNormalization node and PyTorch's initialiser names re
 the graph's structure.
 """
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -16,10 +17,14 @@ import torch
 import jfacerec
 from arcface_torch_models import get_model, randomize
 from jfacerec import interop
+from jfacerec.core import workdir as workdir_files
+from jfacerec.core.checkpoint import Checkpointer
 from jfacerec.data.pipeline import normalize
 from jfacerec.inference.recognizer import fingerprint
-from jfacerec.interop import arcface_torch
+from jfacerec.interop import arcface_torch, converted
+from jfacerec.interop.onnx_export import export_workdir
 from jfacerec.interop.onnx_import import read_layers
+from jfacerec.interop.torch_pth import read_state_dict
 from jfacerec.models.heads import LinearClassifier
 from test_convert_torch import (apply_fn, assert_close_rows, assert_nothing_written, faces,
                                 torch_embeddings)
@@ -170,3 +175,34 @@ def test_a_truncated_onnx_file_is_refused(exported, tmp_path):
     with pytest.raises(ValueError, match=r"short\.onnx: not a readable ONNX model"):
         interop.convert_onnx(str(tmp_path / "short.onnx"), "mobilefacenet", str(tmp_path / "w"))
     assert_nothing_written(str(tmp_path / "w"))
+
+
+def read_back(workdir, like):
+    """The variables of `workdir`'s checkpoint on the host, read as the tree `like` (no model is
+    traced: the shapes are `like`'s)."""
+    sharding = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding),
+                            like)
+    variables, step = Checkpointer(workdir, read_only=True).restore_variables(abstract)
+    assert step == 0
+    return jax.device_get(variables)
+
+
+@pytest.mark.parametrize("name", ["iresnet18", "mobilefacenet"])
+def test_jfacerecs_own_export_converts_back_to_the_same_weights(exported, name, tmp_path):
+    """The same config and exactly the same variables, hence the same embeddings: every
+    BatchNorm is exported as a node and read back as itself, so nothing is recomputed."""
+    _, models = exported
+    pth, source, out, back = (str(tmp_path / f) for f in ("source.pth", "source", "export.onnx",
+                                                             "back"))
+    torch.save(models[name].state_dict(), pth)
+    # convert_torch's steps, keeping the variables it writes to compare with
+    weights = arcface_torch.split_state_dict(read_state_dict(pth), name, pth)
+    config, variables = converted.complete_variables(
+        arcface_torch.to_variables(arcface_torch.layers(name), weights), name, 1, 0, pth)
+    converted.write_workdir(source, config, variables, 1)
+    export_workdir(source, out)
+    interop.convert_onnx(out, name, back)
+    assert workdir_files.read_config(back).to_dict() == config.to_dict()
+    variables = jax.device_get(variables)
+    chex.assert_trees_all_equal(read_back(back, variables), variables)
