@@ -6,6 +6,7 @@ The processes are real `python -m jfacerec.train` commands joined by `JAX_COORDI
 
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -14,11 +15,13 @@ import time
 import chex
 import jax
 import numpy as np
+import pytest
 
 from conftest import REPO, tiny_config
 from jfacerec.core import parallel
 from jfacerec.core.checkpoint import Checkpointer
 from jfacerec.data import pipeline
+from jfacerec.evaluation import validation
 from jfacerec.training import abstract_train_state
 
 # GroupNorm, float32: 2 processes x 2 devices and 1 process x 4 devices split the same global
@@ -32,13 +35,18 @@ ATOL, RTOL = 1e-5, 1e-4
 # than 1e-2.
 RESUMED_ATOL, RESUMED_RTOL = 2e-4, 2e-3
 # Seconds for one command. The file uses ~110 CPU-seconds (6 training commands of 1 or 2
-# processes, each importing JAX and compiling): about a minute on 2 idle cores.
+# processes, each importing JAX and compiling; validation adds about a quarter to each): about a
+# minute on 2 idle cores.
 TIMEOUT = 300
 
 COMMON = ["--config.image_size=16", "--config.num_devices=0", "--config.batch_size=16",
           "--config.dataset.num_identities=8", "--config.dataset.train_images=12",
           "--config.optimizer.warmup_steps=1", "--config.checkpoint_every_steps=3",
-          "--config.log_every_steps=3", "--config.keep_checkpoints=5"]
+          "--config.log_every_steps=3", "--config.keep_checkpoints=5",
+          # validation every 3 steps on 100 pairs of the demo's 80 unseen images, in batches of
+          # 32 split over the 4 devices
+          "--config.eval.every_steps=3", "--config.eval.sets=unseen",
+          "--config.eval.num_pairs=100", "--config.eval.batch_size=32"]
 
 
 def test_each_process_reads_its_rows_of_the_same_global_batches():
@@ -167,11 +175,19 @@ def metrics(workdir):
         return [json.loads(line) for line in f]
 
 
+def training_records(workdir):
+    return [r for r in metrics(workdir) if "loss" in r]
+
+
+def validation_records(workdir):
+    return [r for r in metrics(workdir) if any(k.startswith("val/") for k in r)]
+
+
 def assert_same_training(one, two, step, atol=ATOL, rtol=RTOL):
     a, b = restore(one, step), restore(two, step)
     chex.assert_trees_all_close(a.params, b.params, atol=atol, rtol=rtol)
     chex.assert_trees_all_close(a.opt_state, b.opt_state, atol=atol, rtol=rtol)
-    m1, m2 = metrics(one), metrics(two)
+    m1, m2 = training_records(one), training_records(two)
     assert [r["step"] for r in m1] == [r["step"] for r in m2]
     for r1, r2 in zip(m1, m2):  # the same global batches give the same losses
         np.testing.assert_allclose([r1["loss"], r1["accuracy"]], [r2["loss"], r2["accuracy"]],
@@ -179,11 +195,42 @@ def assert_same_training(one, two, step, atol=ATOL, rtol=RTOL):
     return a
 
 
-def test_two_processes_train_like_one_and_resume(tmp_path):
-    one, two = tmp_path / "one", tmp_path / "two"
+@pytest.fixture(scope="module")
+def six_steps(tmp_path_factory):
+    """(workdir of 1 process x 4 devices, workdir of 2 processes x 2 devices), 6 steps each,
+    validated every 3. Tests that train on copy them first."""
+    root = tmp_path_factory.mktemp("six_steps")
+    one, two = root / "one", root / "two"
     train_one_process(one, 6)
     train_two_processes(two, 6)
-    assert sorted(os.listdir(two / "checkpoints")) == ["3", "6"]
+    return one, two
+
+
+def test_two_processes_validate_like_one(six_steps):
+    one, two = six_steps
+    v1, v2 = validation_records(one), validation_records(two)
+    assert [r["step"] for r in v1] == [3, 6]
+    assert set(v1[0]) == {"step", *(f"val/unseen/{m}" for m in validation.METRICS)}
+    # The parameters differ in the last bits (the gradients' reduction order; see ATOL), but every
+    # figure follows from the order of the pair scores and the thresholds between them, which
+    # such rounding does not move: the figures are equal, not just close.
+    assert v2 == v1
+    # Validation measured each step's parameters: the figures moved from step 3 to step 6.
+    assert {k: v for k, v in v1[0].items() if k != "step"} != \
+        {k: v for k, v in v1[1].items() if k != "step"}
+    b1, b2 = (Checkpointer(str(w), read_only=True).best() for w in (one, two))
+    assert b1 is not None and b2 == b1
+    assert b1["metric"] == "val/unseen/accuracy"
+    best = max(r["val/unseen/accuracy"] for r in v1)  # ties keep the earlier step
+    assert (b1["step"], b1["value"]) == (
+        next(r["step"] for r in v1 if r["val/unseen/accuracy"] == best), best)
+
+
+def test_two_processes_train_like_one_and_resume(six_steps, tmp_path):
+    one, two = tmp_path / "one", tmp_path / "two"
+    shutil.copytree(six_steps[0], one)
+    shutil.copytree(six_steps[1], two)
+    assert sorted(os.listdir(two / "checkpoints")) == ["3", "6", "best.json"]
     first = assert_same_training(one, two, 6)
     # The steps moved the parameters far beyond the tolerance: the comparison means something.
     initial = restore(one, 3)
@@ -193,6 +240,7 @@ def test_two_processes_train_like_one_and_resume(tmp_path):
     # Resume both from step 6 to 9.
     assert "resumed from step 6" in train_two_processes(two, 9)
     train_one_process(one, 9)
-    assert [r["step"] for r in metrics(two)] == [3, 6, 9]
-    assert sorted(os.listdir(two / "checkpoints")) == ["3", "6", "9"]
+    assert [r["step"] for r in training_records(two)] == [3, 6, 9]
+    assert [r["step"] for r in validation_records(two)] == [3, 6, 9]
+    assert sorted(os.listdir(two / "checkpoints")) == ["3", "6", "9", "best.json"]
     assert_same_training(one, two, 9, atol=RESUMED_ATOL, rtol=RESUMED_RTOL)
