@@ -11,6 +11,10 @@ out unknown). matches.csv: `id,label,score` (label `n000000` for unknown) and, w
 `label_2,score_2 ... label_K,score_K`. With --landmarks (a CSV `path,x1,y1,...,x5,y5`, paths
 relative to --images or absolute), every image is aligned by its five points first.
 
+enroll embeds the images batch by batch as they are read (never all of them in memory at once).
+identify searches a gallery of more than SHARD_ABOVE rows (65,536; in
+jfacerec/inference/gallery.py) split by rows over every device, with the answers of one device.
+
 The gallery file's format and the search are in jfacerec/inference/gallery.py.
 """
 
@@ -59,8 +63,10 @@ def _identify_main(f) -> None:
                                   landmarks=_landmarks(f, files.paths))
     write_matches(f.out, ids, matches, k)
     unknown = sum(not m.known for m in matches)
+    devices = gallery.search_devices()
     print(f"{len(matches)} queries: {len(matches) - unknown} matched, {unknown} unknown "
-          f"({UNKNOWN}) -> {f.out}")
+          f"({UNKNOWN}) -> {f.out} (searched {len(gallery.names):,} gallery rows on {devices} "
+          f"device{'s' if devices > 1 else ''})")
     if files.names:
         enrolled = set(gallery.identities)
         truth = [files.names[c] if files.names[c] in enrolled else UNKNOWN for c in files.labels]

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 import jfacerec
-from conftest import make_tree, tiny_config
+from conftest import make_tree, read_csv, run_module, tiny_config
 from jfacerec.data.folders import scan_identity_folders
 from jfacerec.inference import gallery as gallery_lib
 from jfacerec.inference.gallery import Gallery, enroll
@@ -146,3 +146,34 @@ def test_recognizer_identify_searches_a_large_gallery_sharded(model_and_faces, m
     assert_same_matches(as_lists(model.identify(queries, gallery, k=2, threshold=0.9)), want)
     # Each query is an enrolled face: it finds itself.
     assert [m[0] for m in want] == [f"person_{i}" for i in range(3)]
+
+
+def test_identify_command_searches_a_gallery_above_shard_above_on_every_device(model_and_faces,
+                                                                               tmp_path,
+                                                                               monkeypatch):
+    workdir, root = model_and_faces
+    model = jfacerec.load(workdir)
+    files = scan_identity_folders(str(root), strict=True)
+    enrolled = enroll(model, files, keep="all")
+    # The 15 faces among random unit rows, one row more than SHARD_ABOVE in all.
+    filler = np.random.default_rng(8).normal(
+        size=(gallery_lib.SHARD_ABOVE + 1 - 15, enrolled.dim)).astype(np.float32)
+    large = Gallery(np.concatenate([enrolled.names, [f"filler_{i}" for i in range(len(filler))]]),
+                    np.concatenate([enrolled.embeddings,
+                                    filler / np.linalg.norm(filler, axis=1, keepdims=True)]),
+                    enrolled.fingerprint, enrolled.model, "all", workdir=enrolled.workdir)
+    large.save(str(tmp_path / "large.npz"))
+    out = run_module("jfacerec.gallery", "identify", "--gallery", str(tmp_path / "large.npz"),
+                     "--images", str(root), "--out", str(tmp_path / "m.csv"), "--top-k", "2",
+                     "--threshold", "0.99")
+    assert out.returncode == 0, out.stderr
+    assert f"searched {gallery_lib.SHARD_ABOVE + 1:,} gallery rows on 8 devices" in out.stdout
+    monkeypatch.setattr(gallery_lib, "SHARD_ABOVE", len(large.names))
+    assert large.search_devices() == 1
+    want = large.identify(model.embed_files(list(files.paths)), k=2, threshold=0.99)
+    rows = read_csv(tmp_path / "m.csv")[1:]
+    assert [r[0] for r in rows] == [os.path.relpath(p, root) for p in files.paths]
+    assert [[r[1], r[3]] for r in rows] == [[m.name, m.candidates[1][0]] for m in want]
+    np.testing.assert_allclose([[float(r[2]), float(r[4])] for r in rows],
+                               [[c[1] for c in m.candidates] for m in want], atol=2e-6)
+    assert [r[1] for r in rows] == np.array(files.names)[files.labels].tolist()  # each finds itself

@@ -145,10 +145,15 @@ class Gallery:
         raise ValueError("no threshold for unknown queries: pass --threshold (threshold=), "
                          "enroll with one, or run python -m jfacerec.evaluate on the workdir")
 
+    def search_devices(self) -> int:
+        """How many devices `identify` searches on: every device of every process above
+        `SHARD_ABOVE` rows, else one."""
+        return 1 if len(self.embeddings) <= SHARD_ABOVE else jax.device_count()
+
     def searched(self) -> np.ndarray | matcher.ShardedGallery:
-        """The embeddings as `matcher.top_k_cosine` searches them: split over every device of
-        every process (jax.devices()) above `SHARD_ABOVE` rows, else as they are (one device)."""
-        if len(self.embeddings) <= SHARD_ABOVE or jax.device_count() == 1:
+        """The embeddings as `matcher.top_k_cosine` searches them: split over the
+        `search_devices()` devices (jax.devices()) when there are several, else as they are."""
+        if self.search_devices() == 1:
             return self.embeddings
         return matcher.shard_gallery(self.embeddings, parallel.make_mesh())
 

@@ -215,7 +215,8 @@ class FaceRecognizer:
                  landmarks: np.ndarray | None = None) -> list[Match]:
         """The best enrolled identity of each image, UNKNOWN below the threshold (the given one,
         else the gallery's, else the calibrated verification threshold). `gallery`: a Gallery or
-        the path of a gallery file made with this model. landmarks: as for `embed`."""
+        the path of a gallery file made with this model. landmarks: as for `embed`. A gallery of
+        more than `gallery.SHARD_ABOVE` rows is searched split over every device."""
         if isinstance(gallery, (str, os.PathLike)):
             gallery = Gallery.load(os.fspath(gallery))
         gallery.check_compatible(self)
