@@ -117,6 +117,7 @@ def model_and_faces(tmp_path_factory):
     return workdir, make_tree(tmp / "known", identities=3, per_identity=5, size=20)
 
 
+@pytest.mark.slow  # trains a tiny model
 def test_enroll_streams_more_faces_than_a_batch_into_the_same_gallery(model_and_faces):
     workdir, root = model_and_faces
     files = scan_identity_folders(str(root), strict=True)
@@ -135,6 +136,7 @@ def test_enroll_streams_more_faces_than_a_batch_into_the_same_gallery(model_and_
                                rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.slow  # trains a tiny model
 def test_recognizer_identify_searches_a_large_gallery_sharded(model_and_faces, monkeypatch):
     workdir, root = model_and_faces
     model = jfacerec.load(workdir)
@@ -148,6 +150,7 @@ def test_recognizer_identify_searches_a_large_gallery_sharded(model_and_faces, m
     assert [m[0] for m in want] == [f"person_{i}" for i in range(3)]
 
 
+@pytest.mark.slow  # trains a tiny model
 def test_identify_command_searches_a_gallery_above_shard_above_on_every_device(model_and_faces,
                                                                                tmp_path,
                                                                                monkeypatch):
