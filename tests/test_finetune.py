@@ -1,6 +1,7 @@
 """Fine-tuning: `init_from` starts a run from another workdir's weights (the head kept when the
 classes match), `optimizer.backbone_multiplier` scales or freezes the backbone, and a fine-tune
-resumes from its own checkpoints."""
+resumes from its own checkpoints; a workdir converted from arcface_torch's .pth is a source like
+one trained here."""
 
 import shutil
 
@@ -8,14 +9,19 @@ import chex
 import jax
 import numpy as np
 import pytest
+import torch
 
+from arcface_torch_models import get_model, randomize
 from conftest import tiny_config
+from jfacerec import interop
 from jfacerec.core import workdir as workdir_files
+from jfacerec.data.pipeline import normalize
 from jfacerec.data.synthetic import render_faces
 from jfacerec.inference.restore import make_embed_fn, restore
 from jfacerec.training import train
 from jfacerec.training.init_from import parse_source
 from jfacerec.training.optimizer import scale_backbone
+from test_convert_torch import apply_fn, assert_close_rows, faces, torch_embeddings
 
 BACKBONE = ("backbone", "embed_head")
 
@@ -114,3 +120,55 @@ def test_a_missing_or_bad_source_is_refused_naming_it(tmp_path):
         parse_source("runs/a:newest")
     with pytest.raises(FileNotFoundError, match="init_from .*nowhere: no such directory"):
         fine_tune(str(tmp_path / "nowhere"), tmp_path / "ft", total_steps=0)
+
+
+CONVERTED_CLASSES = 4
+
+
+@pytest.fixture(scope="module")
+def converted_source(tmp_path_factory):
+    """arcface_torch's mobilefacenet (random weights) saved as a .pth and converted with a
+    4-class head: (workdir, its variables on the host, the torch model)."""
+    root = tmp_path_factory.mktemp("converted")
+    model = randomize(get_model("mobilefacenet"), 5)
+    torch.save(model.state_dict(), root / "backbone.pth")
+    workdir = str(root / "w")
+    interop.convert_torch(str(root / "backbone.pth"), "mobilefacenet", workdir,
+                          num_classes=CONVERTED_CLASSES)
+    restored = restore(workdir_files.read_config(workdir), workdir, CONVERTED_CLASSES)
+    return workdir, jax.device_get(restored.variables), model
+
+
+def fine_tune_converted(source, workdir, **overrides):
+    """The final state on the host of a fine-tune of the converted `source` with its own config
+    (112-pixel faces): 4 synthetic identities (the head's classes), batch 2, no warmup."""
+    config = workdir_files.read_config(source)
+    config.update(init_from=source, batch_size=2, num_devices=1, log_every_steps=1,
+                  checkpoint_every_steps=10)
+    config.optimizer.warmup_steps = 0
+    config.dataset.update(num_identities=CONVERTED_CLASSES, train_images=2, test_images=1,
+                          num_unseen_identities=2, unseen_images=1)
+    for key, value in overrides.items():
+        group, leaf = key.split(".") if "." in key else (None, key)
+        (config[group] if group else config)[leaf] = value
+    return jax.device_get(train(config, str(workdir)))
+
+
+def test_a_fine_tune_of_a_converted_model_starts_from_its_embeddings(converted_source, tmp_path):
+    workdir, variables, model = converted_source
+    state = fine_tune_converted(workdir, tmp_path / "ft", total_steps=0)
+    start = {"params": state.params, "batch_stats": state.batch_stats}
+    chex.assert_trees_all_equal(start, variables)  # the head too: 4 classes there and here
+    images = faces()
+    assert_close_rows(np.asarray(apply_fn("mobilefacenet")(start, normalize(images))),
+                      torch_embeddings(model, images))
+
+
+def test_a_fine_tune_of_a_converted_model_trains_it_all(converted_source, tmp_path):
+    workdir, variables, _ = converted_source
+    state = fine_tune_converted(workdir, tmp_path / "ft", total_steps=1)
+    [record] = workdir_files.read_metrics(str(tmp_path / "ft"))
+    assert np.isfinite(record["loss"]) and record["loss"] > 0
+    changed = jax.tree.map(lambda a, b: not np.array_equal(a, b), state.params,
+                           variables["params"])
+    assert all(jax.tree.leaves(changed))  # backbone_multiplier 1: every parameter moved
