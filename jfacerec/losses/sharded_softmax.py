@@ -111,6 +111,8 @@ def _per_example(head: ShardedHead, embeddings: jax.Array, labels: jax.Array,
     if head.classes > head.columns:
         raise ValueError(f"{head.classes} classes do not fit a head of {head.columns} columns")
     columns = head.columns // mesh.shape[MODEL_AXIS]
+    # Static: the masks cost a logit-sized temporary each, so only a padded head pays for them.
+    padded = head.classes < head.columns
     keep = _num_sampled(columns, head.sample_rate, labels.shape[0])
     bias = head.bias if head.bias is not None else jnp.zeros((head.columns,))
 
@@ -127,7 +129,8 @@ def _per_example(head: ShardedHead, embeddings: jax.Array, labels: jax.Array,
                                      lax.axis_index(MODEL_AXIS))
             # Positives first, then random classes; padding only where no class is left.
             score = jnp.where(positive, 2.0, jax.random.uniform(key, (columns,)))
-            score = jnp.where(cols < head.classes, score, -1.0)
+            if padded:
+                score = jnp.where(cols < head.classes, score, -1.0)
             chosen = jnp.sort(lax.top_k(score, keep)[1])
             w, b, cols = w[:, chosen], b[chosen], cols[chosen]
         onehot = cols[None, :] == y[:, None]  # [b, c]; the label column, on one shard only
@@ -143,7 +146,8 @@ def _per_example(head: ShardedHead, embeddings: jax.Array, labels: jax.Array,
         else:
             target, scale = margin(across(jnp.where(onehot, cos, 0.0)), x)
             z = scale * jnp.where(onehot, target[:, None], cos)
-        z = jnp.where(valid, z, -jnp.inf)
+        if padded:
+            z = jnp.where(valid, z, -jnp.inf)
         z_y = across(jnp.where(onehot, z, 0.0))
         # The max only steadies exp; the log-sum-exp's gradient does not flow through it.
         m = lax.pmax(lax.stop_gradient(jnp.max(z, axis=-1)), MODEL_AXIS)
@@ -151,11 +155,15 @@ def _per_example(head: ShardedHead, embeddings: jax.Array, labels: jax.Array,
         loss = lse - z_y
         if label_smoothing:
             # Target (1 - eps) on the label and eps / K on each of the K classes in the softmax.
-            k = across(valid.astype(jnp.float32))
-            loss = (lse - (1.0 - label_smoothing) * z_y
-                    - label_smoothing / k * across(jnp.where(valid, z, 0.0)))
+            if padded:
+                k, z_sum = across(valid.astype(jnp.float32)), across(jnp.where(valid, z, 0.0))
+            else:
+                k, z_sum = keep * mesh.shape[MODEL_AXIS], across(z)
+            loss = lse - (1.0 - label_smoothing) * z_y - label_smoothing / k * z_sum
         # Top-1: the best local score, then the smallest class among the shards that hold the max.
-        scores = jnp.where(valid, lax.stop_gradient(raw), -jnp.inf)
+        scores = lax.stop_gradient(raw)
+        if padded:
+            scores = jnp.where(valid, scores, -jnp.inf)
         best = jnp.max(scores, axis=-1)
         candidate = jnp.where(best == lax.pmax(best, MODEL_AXIS),
                               cols[jnp.argmax(scores, axis=-1)], jnp.iinfo(jnp.int32).max)
