@@ -16,7 +16,7 @@ from jfacerec import losses
 from jfacerec.core import parallel
 from jfacerec.losses import sharded_softmax
 from jfacerec.core.checkpoint import Checkpointer
-from jfacerec.inference.restore import checkpoint_classes, checkpoint_columns, restore
+from jfacerec.inference.restore import checkpoint_classes, restore
 from jfacerec.training import abstract_train_state, train
 
 MESHES = [(8, 1), (4, 2), (2, 4)]  # (data, model)
@@ -154,13 +154,15 @@ def test_padded_classes_pad_only_what_the_mesh_cannot_split():
 
 def test_a_head_padded_on_1x8_restores_on_8x1_and_4x2_with_exactly_its_classes(tmp_path):
     """13 identities trained on a 1x8 mesh (head padded to 128 columns): the model restores on
-    8x1 and 4x2 with 13 logits, the same ones; the train state restores on 4x2 to resume."""
+    8x1 and 4x2 with 13 logits, the same ones; the train state restores on 4x2, and training
+    resumes on 8x1 with the saved width."""
     config = tiny_config(num_devices=8, total_steps=2, checkpoint_every_steps=2,
                          **{"mesh.model": 8, "dataset.num_identities": 13, "loss.name": "arcface"})
     workdir = str(tmp_path / "w")
     trained = train(config, workdir)
     assert trained.params["classifier"]["kernel"].shape[1] == 128
-    assert (checkpoint_columns(workdir), checkpoint_classes(workdir)) == (128, 13)
+    assert Checkpointer(workdir, read_only=True).head() == (13, 128)
+    assert checkpoint_classes(workdir) == 13
     images = jax.random.uniform(jax.random.key(3), (8, 16, 16, 3))
     logits = {}
     for shape in [(1, 8), (8, 1), (4, 2)]:
@@ -174,11 +176,16 @@ def test_a_head_padded_on_1x8_restores_on_8x1_and_4x2_with_exactly_its_classes(t
     resumed = tiny_config(num_devices=8, **{"mesh.model": 2, "dataset.num_identities": 13,
                                             "loss.name": "arcface"})
     _, _, abstract = abstract_train_state(resumed, 13, mesh_of((4, 2)),
-                                          class_columns=checkpoint_columns(workdir))
+                                          class_columns=128)
     state, _, step = Checkpointer(workdir, read_only=True).restore(abstract)
     assert step == 2
     np.testing.assert_array_equal(np.asarray(state.params["classifier"]["kernel"]),
                                   np.asarray(trained.params["classifier"]["kernel"]))
+    longer = tiny_config(num_devices=8, total_steps=3, checkpoint_every_steps=3,
+                         **{"mesh.model": 1, "dataset.num_identities": 13, "loss.name": "arcface"})
+    resumed_state = train(longer, workdir)
+    assert resumed_state.params["classifier"]["kernel"].shape[1] == 128
+    assert Checkpointer(workdir, read_only=True).head() == (13, 128)
 
 
 def test_sharded_accuracy_is_the_top1_of_the_full_logits():

@@ -140,11 +140,12 @@ class Checkpointer:
     newest `keep` and the best validated one; restores a given step, or the newest intact one."""
 
     def __init__(self, workdir: str, *, keep: int = 3, async_save: bool = True,
-                 read_only: bool = False):
+                 read_only: bool = False, num_classes: int | None = None):
         if keep < 1:
             raise ValueError(f"keep_checkpoints is {keep}: keep at least 1 checkpoint")
         self.directory = os.path.abspath(workdir_files.path(workdir, workdir_files.CHECKPOINTS))
         self.keep = keep
+        self.num_classes = num_classes  # saved in each checkpoint's meta: its head may be padded
         # No max_to_keep: orbax would rotate before a new step is recorded; `_rotate` does it after.
         # Readers (read_only) never create the checkpoints folder in what may not be a workdir.
         options = ocp.CheckpointManagerOptions(
@@ -186,6 +187,8 @@ class Checkpointer:
         self._finish_saves()
         meta = {"format_version": FORMAT_VERSION, "step": step,
                 "param_shapes": _shapes(state.params)}
+        if self.num_classes is not None:
+            meta["num_classes"] = self.num_classes
         if self.manager.save(step, args=ocp.args.Composite(
                 state=ocp.args.StandardSave(state),
                 data=ocp.args.JsonSave(data_state or {}),
@@ -236,6 +239,16 @@ class Checkpointer:
         intact by default), without reading the arrays."""
         return self._newest_intact(lambda s: self._read(s, None, meta=ocp.args.JsonRestore()),
                                    step)[0]["meta"]
+
+    def head(self, step: int | None = None) -> tuple[int, int]:
+        """(classes, columns) of the classifier saved at `step` (the newest intact by default):
+        the columns include the padding that split it over a mesh (core/parallel.py
+        padded_classes); a checkpoint saved without its class count (older, or converted) has
+        no padding."""
+        meta = self.meta(step)
+        columns = next(shape[-1] for key, shape in meta["param_shapes"].items()
+                       if key.startswith("['classifier']") and key.endswith("['kernel']"))
+        return meta.get("num_classes", columns), columns
 
     def restore(self, abstract_state: Any, step: int | None = None) -> tuple[Any, dict, int]:
         """Restores (state, data_state, step) into the shapes and shardings of `abstract_state`,

@@ -14,7 +14,6 @@ from tqdm.auto import tqdm
 
 from jfacerec import models
 from jfacerec.core import parallel
-from jfacerec.core import workdir as workdir_files
 from jfacerec.core.checkpoint import Checkpointer, select_step
 from jfacerec.data import pipeline
 from jfacerec.data.records import Source
@@ -42,29 +41,11 @@ def abstract_variables(model: FaceModel, image_size: int,
         shapes)
 
 
-def checkpoint_columns(workdir: str, step: int | None = None) -> int:
-    """The width of the classifier saved in `workdir`'s checkpoint `step` (or the newest intact
-    one), read from its metadata: the classes and any padding (core/parallel.py padded_classes)."""
-    meta = Checkpointer(workdir, read_only=True).meta(step)
-    return next(shape[-1] for key, shape in meta["param_shapes"].items()
-                if key.startswith("['classifier']") and key.endswith("['kernel']"))
-
-
 def checkpoint_classes(workdir: str, step: int | None = None) -> int:
-    """The class count of the classifier saved in `workdir`'s checkpoint `step`: a converted
-    model's head need not fit the dataset of the config it is evaluated with.
-
-    A head padded to split over the mesh is a multiple of `parallel.CLASS_MULTIPLE` wide; its
-    classes are the workdir's identities (identities.json) or the config's synthetic identities,
-    whichever that width pads. Any other width is the class count itself.
-    """
-    columns = checkpoint_columns(workdir, step)
-    names = workdir_files.read_identities(workdir)
-    known = len(names) if names is not None else \
-        workdir_files.read_config(workdir).dataset.get("num_identities")
-    if known and known < columns == parallel.pad_to_multiple(known):
-        return known
-    return columns
+    """The class count of the classifier saved in `workdir`'s checkpoint `step` (or the newest
+    intact one): a converted model's head need not fit the dataset of the config it is evaluated
+    with."""
+    return Checkpointer(workdir, read_only=True).head(step)[0]
 
 
 def restore(config: ml_collections.ConfigDict, workdir: str, num_classes: int, *,
@@ -76,7 +57,7 @@ def restore(config: ml_collections.ConfigDict, workdir: str, num_classes: int, *
     saved width (padded or not, whatever mesh padded it) and gives `num_classes` logits."""
     step = select_step(workdir, step=step, checkpoint=checkpoint)
     mesh = parallel.mesh_from_config(config)  # a model-split head restores split
-    columns = checkpoint_columns(workdir, step)
+    _, columns = Checkpointer(workdir, read_only=True).head(step)
     parallel.check_class_split(columns, mesh)
     model = models.from_config(config, num_classes, columns)
     abstract = abstract_variables(model, config.image_size, mesh)

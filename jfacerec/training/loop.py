@@ -184,7 +184,12 @@ def _train(config: ml_collections.ConfigDict, workdir: str,
     _say(f"training data: {dataset.train!r}")
 
     # -- Model, optimizer, shardings and the jitted step ------------------------------------------
-    model, tx, abstract = abstract_train_state(config, dataset.num_classes, mesh)
+    checkpointer = Checkpointer(workdir, keep=config.keep_checkpoints,
+                                num_classes=dataset.num_classes)
+    # A resumed head keeps the width it was saved with (padded on another mesh, maybe).
+    saved_columns = checkpointer.head()[1] if checkpointer.latest_step() is not None else 0
+    model, tx, abstract = abstract_train_state(config, dataset.num_classes, mesh,
+                                               class_columns=saved_columns)
     state_sharding = jax.tree.map(lambda s: s.sharding, abstract)
     train_step = jax.jit(make_train_step(model, tx, config, mesh),
                          in_shardings=(state_sharding, batch_sharding),
@@ -192,7 +197,6 @@ def _train(config: ml_collections.ConfigDict, workdir: str,
                          donate_argnums=0, compiler_options=xla_cpu.compiler_options())
 
     # -- Resume or initialise, then write the workdir's files -------------------------------------
-    checkpointer = Checkpointer(workdir, keep=config.keep_checkpoints)
     if checkpointer.latest_step() is not None:
         # Refuses (raises) a checkpoint that does not fit the config before anything is written.
         state, data_state, start = checkpointer.restore(abstract)
