@@ -89,10 +89,18 @@ PLACEHOLDERS = {
     "queries": "queries",
     "/data/lfw-deepfunneled": "lfw",
     "/data/pairs.txt": "lfw_view2_pairs",
+    "/data/pairsDevTest.txt": "lfw_view1_pairs",
+    "/data/ms1m-retinaface-t1": "recordio",
+    "/data/IJB_release/IJBC": "ijbc",
+    "backbone.pth": "arcface_pth",
+    "w600k_r50.onnx": "arcface_onnx",
 }
+# The arcface_torch backbone the conversion commands read, whatever model the README names: the
+# smallest one (the others convert through the same code: tests/test_convert_torch.py).
+CONVERTED_MODEL = "mobilefacenet"
 # README placeholder paths that commands write (absolute, so not simply under tmp_path).
-OUTPUTS = {"/data/vggface2_packed": "vggface2_packed"}
-PATHLIKE = re.compile(r"/|\.(npz|csv|txt|json|jpe?g|png|pgm|npy|array_record)$")
+OUTPUTS = {"/data/vggface2_packed": "vggface2_packed", "/data/ms1m_packed": "ms1m_packed"}
+PATHLIKE = re.compile(r"/|\.(npz|csv|txt|json|jpe?g|png|pgm|npy|array_record|bin|pth|onnx)$")
 DEVICE_COUNT_FLAG = re.compile(r"--xla_force_host_platform_device_count=\d+")
 
 
@@ -188,6 +196,37 @@ def tfds_lfw(root):
     return root
 
 
+def recordio_pack(root):
+    """An insightface-layout RecordIO pack of 16 synthetic people x 4 JPEG faces (the writer of
+    tests/test_recordio.py, written from the format's description)."""
+    from test_recordio import faces, insightface_pack, jpeg
+
+    insightface_pack(root, *faces(16, 4), jpeg)
+    return root
+
+
+def ijb_release(root):
+    """A tiny IJB-C release (meta/ and loose_crop/) of 4 synthetic people (tests/test_ijb.py)."""
+    from test_ijb import _release
+
+    return _release(root)
+
+
+def arcface_torch_file(path, onnx=False):
+    """arcface_torch's CONVERTED_MODEL with random weights, saved with torch.save (or exported to
+    ONNX with BatchNorms folded): torch is a test dependency."""
+    import torch
+    from arcface_torch_models import get_model, randomize
+
+    model = randomize(get_model(CONVERTED_MODEL), 0)
+    if onnx:
+        torch.onnx.export(model, torch.zeros(1, 3, 112, 112), str(path), opset_version=17,
+                          dynamo=False, input_names=["data"], output_names=["embedding"])
+    else:
+        torch.save(model.state_dict(), path)
+    return path
+
+
 FIXTURES: dict[str, tuple[Callable, str | None]] = {  # name: (make(path), the data it needs)
     # 16 people, as many as configs/demo.py:runlocal has: the demo's compiled train step
     "faces": (lambda p: save_faces(p, range(16), range(4)), None),
@@ -201,6 +240,10 @@ FIXTURES: dict[str, tuple[Callable, str | None]] = {  # name: (make(path), the d
     "lfw_view2_pairs": (lfw_view2_pairs, "lfw"),
     "tfds_lfw": (tfds_lfw, None),
     "orl": (lambda p: ORL, "orl"),
+    "recordio": (recordio_pack, None),
+    "ijbc": (ijb_release, None),
+    "arcface_pth": (arcface_torch_file, None),
+    "arcface_onnx": (lambda p: arcface_torch_file(p, onnx=True), None),
 }
 DATA_MARKS = {"lfw": needs_lfw, "orl": needs_orl}
 _DRY_ROOT = pathlib.Path("/nonexistent-readme-scratch")  # dry rewrites make nothing
@@ -268,7 +311,8 @@ def rewrite(args, command, scratch, *, path_flags=(), small=False, positional_pa
     `positional_paths` bare words), --config given runlocal and, with small, SMALL's overrides.
     Returns (args, {flag or position: (README value, scratch value)})."""
     out, seen, positional, i = [], {}, 0, 0
-    dataset_paths = {f"config.dataset.{k}" for k in ("root", "unseen_root", "pairs", "data_dir")}
+    dataset_paths = {f"config.dataset.{k}" for k in ("root", "unseen_root", "pairs", "data_dir",
+                                                     "landmarks")} | {"config.init_from"}
     while i < len(args):
         word = args[i]
         if word.startswith("--"):
@@ -323,18 +367,60 @@ def rule_train(args, command, scratch):
     if config.startswith("configs/tfds_lfw.py") and "config.dataset.data_dir" not in seen:
         args.append(f"--config.dataset.data_dir={scratch.fixture('tfds_lfw')}")
     workdir = given(seen, "workdir", command)
+    validated = any(a.startswith("--config.eval.every_steps=") for a in args)
     return Step(python_m("jfacerec.train", args), writes=[workdir[0]],
+                reads=[seen["config.init_from"][0]] if "config.init_from" in seen else [],
                 expect=[os.path.join(workdir[1], "config.json"),
                         os.path.join(workdir[1], "metrics.jsonl"),
-                        os.path.join(workdir[1], "checkpoints")])
+                        os.path.join(workdir[1], "checkpoints")]
+                + [os.path.join(workdir[1], "validation.png")] * validated)
 
 
 def rule_evaluate(args, command, scratch):
-    args, seen = rewrite(args, command, scratch, path_flags=("workdir",), small=True)
+    args, seen = rewrite(args, command, scratch, path_flags=("workdir", "bin"), small=True)
     workdir = given(seen, "workdir", command)
-    return Step(python_m("jfacerec.evaluate", args), reads=[workdir[0]],
+    bins = seen["bin"][0].split(",") if "bin" in seen else []
+    if len(bins) > 1:
+        raise AssertionError(no_rule(command, "--bin with several files (give the rule a "
+                                              "fixture for each)"))
+    return Step(python_m("jfacerec.evaluate", args), reads=[workdir[0], *bins],
                 writes=[f"{workdir[0]}/eval/metrics.json"],
-                expect=[os.path.join(workdir[1], "eval", "metrics.json")])
+                expect=[os.path.join(workdir[1], "eval", "metrics.json")]
+                + [os.path.join(workdir[1], "eval", "roc_bin.png")] * bool(bins))
+
+
+def rule_bin(args, command, scratch):
+    args, seen = rewrite(args, command, scratch, path_flags=("pairs", "images", "out"))
+    out = given(seen, "out", command)
+    return Step(python_m("jfacerec.data.bin", args), writes=[out[0]], expect=[out[1]])
+
+
+def rule_ijb(args, command, scratch):
+    args, seen = rewrite(args, command, scratch, path_flags=("workdir", "root"))
+    workdir = given(seen, "workdir", command)
+    target = args[args.index("--target") + 1] if "--target" in args else ""
+    return Step(python_m("jfacerec.evaluation.ijb", args), reads=[workdir[0]],
+                expect=[os.path.join(workdir[1], "eval", f"ijb_{target.lower()}.json")])
+
+
+def rule_convert(args, command, scratch):
+    if not args or args[0] not in ("torch", "onnx"):
+        raise AssertionError(no_rule(command, "jfacerec.convert without torch or onnx"))
+    rest, seen = rewrite(args[1:], command, scratch, path_flags=("workdir",), positional_paths=1)
+    if "--model" in rest:
+        rest[rest.index("--model") + 1] = CONVERTED_MODEL
+    workdir = given(seen, "workdir", command)
+    return Step(python_m("jfacerec.convert", [args[0], *rest]), writes=[workdir[0]],
+                expect=[os.path.join(workdir[1], "config.json")])
+
+
+def rule_export(args, command, scratch):
+    if not args or args[0] != "onnx":
+        raise AssertionError(no_rule(command, "jfacerec.export without onnx"))
+    rest, seen = rewrite(args[1:], command, scratch, path_flags=("workdir", "out"))
+    out = given(seen, "out", command)
+    return Step(python_m("jfacerec.export", ["onnx", *rest]),
+                reads=[given(seen, "workdir", command)[0]], writes=[out[0]], expect=[out[1]])
 
 
 def rule_summary(args, command, scratch):
@@ -343,7 +429,7 @@ def rule_summary(args, command, scratch):
 
 
 def rule_pack(args, command, scratch):
-    args, seen = rewrite(args, command, scratch, positional_paths=2)
+    args, seen = rewrite(args, command, scratch, positional_paths=2)  # --from-recordio: a flag
     destination = given(seen, 1, command)
     return Step(python_m("jfacerec.data.pack", args), writes=[destination[0]],
                 expect=[os.path.join(destination[1], "index.json")])
@@ -397,6 +483,10 @@ RULES = {
     "jfacerec.evaluation.orl": rule_orl,
     "jfacerec.predict": rule_predict,
     "jfacerec.gallery": rule_gallery,
+    "jfacerec.data.bin": rule_bin,
+    "jfacerec.evaluation.ijb": rule_ijb,
+    "jfacerec.convert": rule_convert,
+    "jfacerec.export": rule_export,
 }
 
 
@@ -463,6 +553,7 @@ PYTHON_BLOCKS: dict[str, PythonRule | str] = {
         "gallery = rng.standard_normal((20, 16)).astype(np.float32)\n"
         "pair_scores = rng.uniform(-1, 1, 40).astype(np.float32)\n"
         "same = np.arange(40) % 2 == 0\n")),
+    "jfacerec.align(picture, kps)": PythonRule(),
     "shard_gallery(gallery, make_mesh())": PythonRule(
         substitutions={"standard_normal((100_000, 512)": "standard_normal((1_000, 512)"}),
 }
