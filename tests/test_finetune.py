@@ -15,13 +15,11 @@ from arcface_torch_models import get_model, randomize
 from conftest import tiny_config
 from jfacerec import interop
 from jfacerec.core import workdir as workdir_files
-from jfacerec.data.pipeline import normalize
 from jfacerec.data.synthetic import render_faces
 from jfacerec.inference.restore import make_embed_fn, restore
 from jfacerec.training import train
 from jfacerec.training.init_from import parse_source
 from jfacerec.training.optimizer import scale_backbone
-from test_convert_torch import apply_fn, assert_close_rows, faces, torch_embeddings
 
 BACKBONE = ("backbone", "embed_head")
 
@@ -128,7 +126,7 @@ CONVERTED_CLASSES = 4
 @pytest.fixture(scope="module")
 def converted_source(tmp_path_factory):
     """arcface_torch's mobilefacenet (random weights) saved as a .pth and converted with a
-    4-class head: (workdir, its variables on the host, the torch model)."""
+    4-class head: (workdir, its variables on the host)."""
     root = tmp_path_factory.mktemp("converted")
     model = randomize(get_model("mobilefacenet"), 5)
     torch.save(model.state_dict(), root / "backbone.pth")
@@ -136,7 +134,7 @@ def converted_source(tmp_path_factory):
     interop.convert_torch(str(root / "backbone.pth"), "mobilefacenet", workdir,
                           num_classes=CONVERTED_CLASSES)
     restored = restore(workdir_files.read_config(workdir), workdir, CONVERTED_CLASSES)
-    return workdir, jax.device_get(restored.variables), model
+    return workdir, jax.device_get(restored.variables)
 
 
 def fine_tune_converted(source, workdir, **overrides):
@@ -155,17 +153,18 @@ def fine_tune_converted(source, workdir, **overrides):
 
 
 def test_a_fine_tune_of_a_converted_model_starts_from_its_embeddings(converted_source, tmp_path):
-    workdir, variables, model = converted_source
+    """Every variable (the head too: 4 classes there and here) exactly the converted one's, and
+    the fine-tune's config is the source's: the step-0 embeddings are the source's (which
+    test_convert_torch.py checks against arcface_torch's to 1e-4)."""
+    workdir, variables = converted_source
     state = fine_tune_converted(workdir, tmp_path / "ft", total_steps=0)
-    start = {"params": state.params, "batch_stats": state.batch_stats}
-    chex.assert_trees_all_equal(start, variables)  # the head too: 4 classes there and here
-    images = faces()
-    assert_close_rows(np.asarray(apply_fn("mobilefacenet")(start, normalize(images))),
-                      torch_embeddings(model, images))
+    chex.assert_trees_all_equal({"params": state.params, "batch_stats": state.batch_stats},
+                                variables)
 
 
+@pytest.mark.slow  # a training step of a 112-pixel model: compiling it takes CPU-seconds
 def test_a_fine_tune_of_a_converted_model_trains_it_all(converted_source, tmp_path):
-    workdir, variables, _ = converted_source
+    workdir, variables = converted_source
     state = fine_tune_converted(workdir, tmp_path / "ft", total_steps=1)
     [record] = workdir_files.read_metrics(str(tmp_path / "ft"))
     assert np.isfinite(record["loss"]) and record["loss"] > 0
