@@ -194,8 +194,9 @@ def test_the_variant_parser_reads_comma_separated_tokens():
 
 
 # Receivers of `.get("key", default)` that are not configs: flax variable collections, a
-# checkpoint's tree and metadata, a gallery file's JSON, the environment.
-NOT_CONFIGS = {"variables", "updates", "shapes", "meta", "data", "os.environ"}
+# checkpoint's tree and metadata, a gallery file's JSON, the environment, an ONNX node's
+# attributes (ONNX's own defaults).
+NOT_CONFIGS = {"variables", "updates", "shapes", "meta", "data", "os.environ", "attrs"}
 
 
 def test_no_config_key_is_read_with_a_fallback_default_in_the_package():

@@ -68,7 +68,7 @@ def check_shapes(backbone: dict[str, Any], expected: dict[str, Any], model: str,
 
 
 def _backbone_of(variables: dict[str, Any]) -> dict[str, Any]:
-    return {kind: variables.get(kind, {}).get("backbone", {})
+    return {kind: variables[kind]["backbone"] if kind in variables else {}
             for kind in ("params", "batch_stats")}
 
 

@@ -131,8 +131,10 @@ class _Graph:
         if node is None or node.op_type not in ("Flatten", "Reshape"):
             return False
         before = self.producer.get(self.source(node.input[0]))
-        return (before is not None and before.op_type == "Transpose"
-                and list(_attrs(before).get("perm", [])) == [0, 2, 3, 1])
+        if before is None or before.op_type != "Transpose":
+            return False
+        attrs = _attrs(before)
+        return list(attrs.get("perm", [])) == [0, 2, 3, 1]
 
     def ops(self) -> list[_Op]:
         out = []
@@ -148,7 +150,8 @@ class _Graph:
             return _Op("conv", name, {"weight": self.constant(node, 1)},
                        self.source(node.input[0]), node.output[0], bias)
         if op == "BatchNormalization":
-            eps = float(_attrs(node).get("epsilon", 1e-5))
+            attrs = _attrs(node)
+            eps = float(attrs.get("epsilon", 1e-5))
             weights = {key: self.constant(node, i + 1) for i, key in enumerate(
                 ("weight", "bias", "running_mean", "running_var"))}
             weights["running_var"] = weights["running_var"] + np.float32(eps - BN_EPS)
