@@ -121,8 +121,8 @@ def test_a_float16_state_dict_becomes_its_float32_values(saved, tmp_path):
 
 
 @pytest.mark.parametrize("name", ["iresnet34", "iresnet50", "iresnet100"])
-def test_deeper_iresnets_map_every_key_onto_every_variable(name):
-    model = get_model(name)
+def test_deeper_iresnets_convert_every_key_and_embed_as_torch_does(name):
+    model = randomize(get_model(name), 5)
     state = {k: v.numpy() for k, v in model.state_dict().items()}
     weights = arcface_torch.split_state_dict(state, name, f"{name}.pth")
     backbone = arcface_torch.to_variables(arcface_torch.layers(name), weights)
@@ -132,6 +132,9 @@ def test_deeper_iresnets_map_every_key_onto_every_variable(name):
     assert sum(np.size(x) for x in jax.tree.leaves(variables)) == used + 512 + 1  # + the head
     np.testing.assert_array_equal(variables["params"]["backbone"]["layer4_2"]["prelu"]["alpha"],
                                   state["layer4.2.prelu.weight"])
+    image = faces(1)  # one face: the depth, not the batch, is what differs from iresnet18
+    ours = np.asarray(apply_fn(name)(variables, normalize(image)))
+    assert_close_rows(ours, torch_embeddings(model, image))
 
 
 def test_strided_and_offset_tensors_read_as_their_values(tmp_path):
