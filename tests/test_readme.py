@@ -47,8 +47,8 @@ with open(os.path.join(REPO, "README.md"), encoding="utf-8") as _f:
 SKIPPED = {
     r"pip install .*":
         "pip install: .ci/run installs the environment (`pip install -e '.[test]'`, which "
-        "includes tensorflow-datasets); the bench and tfds-build extras (torch, faiss-cpu, "
-        "TensorFlow) are not installed in CI",
+        "includes tensorflow-datasets, torch, onnx and onnxruntime); the bench and tfds-build "
+        "extras' faiss-cpu and TensorFlow are not installed in CI",
     r"python -m pytest .*tests":
         "runs the whole test suite, this file included: it is .ci/run's own command",
     r"python -m jfacerec\.models\.summary --all":
@@ -60,8 +60,9 @@ SKIPPED = {
         "needs TensorFlow (the tfds-build extra, not installed in CI) and downloads LFW; the "
         "training on configs/tfds_lfw.py after it reads a tiny TFDS `lfw` built here instead",
     r"python benchmarks/train_step\.py --models resnet_tiny --steps 8":
-        "times the PyTorch peer (default --sides jax,torch): torch is in the bench extra, not "
-        "installed in CI",
+        "a timing run (our step in three variants against two torch layouts, 8 steps each after "
+        "warm-up), minutes of CPU that assert nothing; tests/test_benchmarks.py runs the same "
+        "script's jax side",
     r"python benchmarks/train_step\.py --quick --sides jax":
         "its default three backbones, each also timed without the CPU conv path (slow by "
         "design), took 170 s of CPU on the 2-core machine; tests/test_benchmarks.py::"
@@ -71,8 +72,8 @@ SKIPPED = {
         "times faiss (default --sides jfacerec,faiss,numpy): faiss-cpu is in the bench extra, not "
         "installed in CI; tests/test_benchmarks.py runs the jfacerec and numpy sides",
     r"python benchmarks/pipeline\.py":
-        "times a PyTorch DataLoader (default --sides grain,torch): torch is in the bench extra, "
-        "not installed in CI; tests/test_benchmarks.py runs --sides grain",
+        "a timing run over LFW's JPEGs against a PyTorch DataLoader, 4 rounds of each, minutes "
+        "of CPU that assert nothing; tests/test_benchmarks.py runs --sides grain",
 }
 
 # Trainings run this long, on faces this small (replacing the README's own values of these keys;
