@@ -196,22 +196,14 @@ class AlignedFileSource(ImageFileSource):
         self.landmarks = landmarks
         self.origins = tuple(origins) if origins is not None else None
 
-    def __getitem__(self, index: int) -> dict[str, np.ndarray]:
-        index = int(index)
-        if not 0 <= index < len(self):
-            raise IndexError(f"record {index} out of range [0, {len(self)})")
-        face = self._cache.get(index)
-        if face is None:
-            path = self.files.paths[index]
-            try:
-                face = load_aligned(path, self.landmarks[index], size=self.size, name=path)
-            except ValueError as e:
-                where = f" (landmarks of {self.origins[index]})" if self.origins else ""
-                raise ValueError(f"{path}{where}: {e}") from e
-            if self.cache:
-                with self._lock:
-                    self._cache[index] = face
-        return {"image": face, "label": self._labels[index]}
+    def _decode(self, index: int) -> np.ndarray:
+        """Record `index`'s face aligned by its landmarks, uint8 [size, size, 3]."""
+        path = self.files.paths[index]
+        try:
+            return load_aligned(path, self.landmarks[index], size=self.size, name=path)
+        except ValueError as e:
+            where = f" (landmarks of {self.origins[index]})" if self.origins else ""
+            raise ValueError(f"{path}{where}: {e}") from e
 
     def __repr__(self) -> str:
         return f"AlignedFileSource({self.files.summary()})"

@@ -129,12 +129,16 @@ class DecodedSource(_CachedRecords):
             raise IndexError(f"record {index} out of range [0, {len(self)})")
         face = self._cache.get(index)
         if face is None:
-            data, name = self._encoded(index)
-            face = load_face(data, crop_fraction=self.crop_fraction, size=self.size, name=name)
+            face = self._decode(index)
             if self.cache:
                 with self._lock:
                     self._cache[index] = face
         return {"image": face, "label": self._labels[index]}
+
+    def _decode(self, index: int) -> np.ndarray:
+        """Record `index`'s face, uint8 [size, size, 3]: its encoded image, cropped and resized."""
+        data, name = self._encoded(index)
+        return load_face(data, crop_fraction=self.crop_fraction, size=self.size, name=name)
 
 
 class ImageFileSource(DecodedSource):
