@@ -16,7 +16,7 @@ from jfacerec import losses
 from jfacerec.core import parallel
 from jfacerec.losses import sharded_softmax
 from jfacerec.core.checkpoint import Checkpointer
-from jfacerec.inference.restore import checkpoint_classes, restore
+from jfacerec.inference.restore import restore
 from jfacerec.training import abstract_train_state, train
 
 MESHES = [(8, 1), (4, 2), (2, 4)]  # (data, model)
@@ -162,7 +162,9 @@ def test_a_head_padded_on_1x8_restores_on_8x1_and_4x2_with_exactly_its_classes(t
     trained = train(config, workdir)
     assert trained.params["classifier"]["kernel"].shape[1] == 128
     assert Checkpointer(workdir, read_only=True).head() == (13, 128)
-    assert checkpoint_classes(workdir) == 13
+    assert restore(tiny_config(num_devices=8, **{"mesh.model": 8, "dataset.num_identities": 13,
+                                                 "loss.name": "arcface"}),
+                   workdir).model.num_classes == 13
     images = jax.random.uniform(jax.random.key(3), (8, 16, 16, 3))
     logits = {}
     for shape in [(1, 8), (8, 1), (4, 2)]:

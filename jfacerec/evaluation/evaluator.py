@@ -29,8 +29,7 @@ from jfacerec.data.records import Source
 from jfacerec.evaluation import bin_sets as bins
 from jfacerec.evaluation import plots, protocols
 from jfacerec.inference import matcher
-from jfacerec.inference.restore import (checkpoint_classes, make_embed_fn, make_logits_fn,
-                                        restore, run_over)
+from jfacerec.inference.restore import make_embed_fn, make_logits_fn, restore, run_over
 
 
 def verification_metrics(scores: np.ndarray, same: np.ndarray, folds: int) -> dict[str, float]:
@@ -89,8 +88,8 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str,
     dataset = sources.get_dataset(config)
     # A converted model (python -m jfacerec.convert) carries a head of its own class count:
     # its embeddings are evaluated, its classes are not the dataset's.
-    classes = checkpoint_classes(workdir)
-    restored = restore(config, workdir, classes)
+    restored = restore(config, workdir)
+    classes = restored.model.num_classes
     os.makedirs(workdir_files.path(workdir, workdir_files.EVAL), exist_ok=True)
     variables = restored.variables
     run = dict(batch_size=config.eval.batch_size, image_size=config.image_size,

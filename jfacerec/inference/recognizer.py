@@ -30,8 +30,7 @@ from jfacerec.data.align import AlignedFileSource, align, load_aligned
 from jfacerec.data.folders import ImageFiles
 from jfacerec.data.records import ArraySource, ImageFileSource, Source
 from jfacerec.inference.gallery import Gallery, Match
-from jfacerec.inference.restore import (Restored, checkpoint_classes, make_embed_fn,
-                                        make_logits_fn, restore, run_over)
+from jfacerec.inference.restore import Restored, make_embed_fn, make_logits_fn, restore, run_over
 from jfacerec.models import FaceModel, xla_cpu
 
 ImageLike = Any  # a path, a PIL image, or an array [h, w] / [h, w, 1|3|4]
@@ -79,8 +78,8 @@ class FaceRecognizer:
         self.workdir = workdir
         self.config = workdir_files.read_config(workdir)
         step = select_step(workdir, step=step, checkpoint=checkpoint)
-        self.num_classes = checkpoint_classes(workdir, step)
-        self._restored: Restored = restore(self.config, workdir, self.num_classes, step=step)
+        self._restored: Restored = restore(self.config, workdir, step=step)
+        self.num_classes = self._restored.model.num_classes
         self.step = self._restored.step
         self.image_size = int(self.config.image_size)
         self.crop_fraction = float(self.config.dataset.crop_fraction)

@@ -41,27 +41,23 @@ def abstract_variables(model: FaceModel, image_size: int,
         shapes)
 
 
-def checkpoint_classes(workdir: str, step: int | None = None) -> int:
-    """The class count of the classifier saved in `workdir`'s checkpoint `step` (or the newest
-    intact one): a converted model's head need not fit the dataset of the config it is evaluated
-    with."""
-    return Checkpointer(workdir, read_only=True).head(step)[0]
-
-
-def restore(config: ml_collections.ConfigDict, workdir: str, num_classes: int, *,
+def restore(config: ml_collections.ConfigDict, workdir: str, num_classes: int | None = None, *,
             step: int | None = None, checkpoint: str = "latest") -> Restored:
     """The model of `config` with the weights of a checkpoint in `workdir`: `step`; with
     `checkpoint="best"` the best validated step (see `core.checkpoint.select_step`); or else the
     newest intact one (a damaged checkpoint is skipped with a warning; see core/checkpoint.py).
     Its parameters and BatchNorm statistics only, not the optimizer state. The head keeps the
-    saved width (padded or not, whatever mesh padded it) and gives `num_classes` logits."""
+    saved width (padded or not, whatever mesh padded it) and gives `num_classes` logits: by
+    default the checkpoint's own class count (a converted model's head need not fit the dataset
+    of the config it is evaluated with); `restored.model.num_classes` says which."""
     step = select_step(workdir, step=step, checkpoint=checkpoint)
     mesh = parallel.mesh_from_config(config)  # a model-split head restores split
-    _, columns = Checkpointer(workdir, read_only=True).head(step)
+    checkpointer = Checkpointer(workdir, read_only=True)
+    saved_classes, columns = checkpointer.head(step)
     parallel.check_class_split(columns, mesh)
-    model = models.from_config(config, num_classes, columns)
+    model = models.from_config(config, num_classes or saved_classes, columns)
     abstract = abstract_variables(model, config.image_size, mesh)
-    variables, step = Checkpointer(workdir, read_only=True).restore_variables(abstract, step)
+    variables, step = checkpointer.restore_variables(abstract, step)
     return Restored(model, variables, step, mesh)
 
 

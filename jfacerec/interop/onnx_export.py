@@ -27,7 +27,6 @@ from onnx import TensorProto, helper, numpy_helper
 
 from jfacerec.core import workdir as workdir_files
 from jfacerec.core.atomic import atomic_open
-from jfacerec.core.checkpoint import Checkpointer
 from jfacerec.inference.restore import restore
 from jfacerec.models import FaceModel
 from jfacerec.models.convnext import ConvNeXt
@@ -497,10 +496,7 @@ def export_workdir(workdir: str, out: str, *, step: int | None = None) -> Export
     """
     check_output_path(out)
     config = workdir_files.read_config(workdir)
-    meta = Checkpointer(workdir, read_only=True).meta(step)
-    kernel = next(shape for key, shape in meta["param_shapes"].items()
-                  if key.startswith("['classifier']") and key.endswith("['kernel']"))
-    restored = restore(config, workdir, kernel[-1], step=meta["step"])
+    restored = restore(config, workdir, step=step)
     image_size = int(config.image_size)
     proto = to_onnx(restored.model, jax.device_get(restored.variables), image_size, metadata={
         "jfacerec.model": str(config.model.name), "jfacerec.step": str(restored.step),
