@@ -13,7 +13,13 @@ relative to --images or absolute), every image is aligned by its five points fir
 
 enroll embeds the images batch by batch as they are read (never all of them in memory at once).
 identify searches a gallery of more than SHARD_ABOVE rows (65,536; in
-jfacerec/inference/gallery.py) split by rows over every device, with the answers of one device.
+jfacerec/inference/gallery.py) split by rows over every device, with the answers of one device:
+one threshold, whichever way the gallery is searched.
+
+Several processes (JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES, JAX_PROCESS_ID, as for
+python -m jfacerec.train) run one command together, each given the same flags: the model runs on
+every device of every process, each process reading its own rows of every batch, and process 0
+alone writes --out.
 
 The gallery file's format and the search are in jfacerec/inference/gallery.py.
 """
@@ -22,10 +28,11 @@ from __future__ import annotations
 
 import os
 
+import jax
 import numpy as np
 from absl import app, flags
 
-from jfacerec.core import cli
+from jfacerec.core import cli, parallel
 from jfacerec.data.align import read_landmarks_csv
 from jfacerec.data.folders import scan_identity_folders
 from jfacerec.inference.gallery import KEEP, UNKNOWN, Gallery, enroll, query_files
@@ -45,6 +52,8 @@ def _enroll_main(f) -> None:
     files = scan_identity_folders(os.path.abspath(f.images), strict=f.strict)
     gallery = enroll(recognizer, files, keep=f.keep, threshold=f.threshold,
                      landmarks=_landmarks(f, files.paths))
+    if jax.process_index() != 0:
+        return
     gallery.save(f.out)
     skipped = f"; skipped {len(files.skipped)} unreadable files" if files.skipped else ""
     print(f"enrolled {len(gallery.identities)} identities ({len(files)} images, keep="
@@ -61,6 +70,8 @@ def _identify_main(f) -> None:
     k = f["top-k"].value
     matches = recognizer.identify(list(files.paths), gallery, threshold=f.threshold, k=k,
                                   landmarks=_landmarks(f, files.paths))
+    if jax.process_index() != 0:
+        return
     write_matches(f.out, ids, matches, k)
     unknown = sum(not m.known for m in matches)
     devices = gallery.search_devices()
@@ -82,6 +93,7 @@ def main(argv):
                 else ["gallery", "images", "out"])
     if missing := [name for name in required if not getattr(f, name)]:
         raise app.UsageError(f"{argv[1]} needs --{', --'.join(missing)}")
+    parallel.maybe_initialize_distributed()
     with cli.exit_on_user_error(output=f.out):
         (_enroll_main if argv[1] == "enroll" else _identify_main)(f)
 

@@ -70,9 +70,32 @@ def mesh_from_config(config) -> Mesh:
     return make_mesh(config.num_devices, config.mesh.model)
 
 
+def inference_mesh(config) -> Mesh:
+    """The mesh a trained model runs inference on: the config's (`num_devices`, `mesh.model`) in
+    one process; with several, every device of every process (`mesh.model` of them sharing the
+    head), since each process computes its own devices' rows of every batch and a process with
+    no device in the mesh could take no part."""
+    if jax.process_count() == 1:
+        return mesh_from_config(config)
+    return make_mesh(0, config.mesh.model)
+
+
 def data_sharding(mesh: Mesh) -> NamedSharding:
     """Leading (batch) axis split over every device of the mesh, the rest replicated."""
     return NamedSharding(mesh, P(BATCH_AXES))
+
+
+def process_rows(sharding: NamedSharding, rows: int) -> slice:
+    """The rows of an array [rows, ...] split by `sharding` (`data_sharding`) that this process's
+    devices hold: one contiguous block, the mesh's devices being in process order (as
+    `jax.make_array_from_process_local_data` expects them)."""
+    spans = [index[0].indices(rows)[:2]
+             for index in sharding.addressable_devices_indices_map((rows,)).values()]
+    start, stop = min(s for s, _ in spans), max(e for _, e in spans)
+    if sum(e - s for s, e in set(spans)) != stop - start:
+        raise ValueError(f"this process's devices hold scattered rows of a {rows}-row batch; "
+                         f"build the mesh from jax.devices() in their order (make_mesh)")
+    return slice(start, stop)
 
 
 def replicated(mesh: Mesh) -> NamedSharding:

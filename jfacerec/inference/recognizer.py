@@ -11,11 +11,14 @@ Images may be file paths, PIL images or arrays (uint8, or float in [0, 1]; grey 
 cropped to the face and resized exactly as in training (the workdir's config.json), or, given
 their landmarks, aligned to the ArcFace template at the model's image size
 (jfacerec/data/align.py).
+
+In a multi-process run (`jax.distributed`, see `core.parallel.maybe_initialize_distributed`), the
+model runs on every device of every process: every process makes the same calls with the same
+images, each computes its own devices' rows of every batch, and each gets every result.
 """
 
 from __future__ import annotations
 
-import functools
 import hashlib
 import os
 from typing import Any, Sequence
@@ -30,8 +33,8 @@ from jfacerec.data.align import AlignedFileSource, align, load_aligned
 from jfacerec.data.folders import ImageFiles
 from jfacerec.data.records import ArraySource, ImageFileSource, Source
 from jfacerec.inference.gallery import Gallery, Match
-from jfacerec.inference.restore import Restored, make_embed_fn, make_logits_fn, restore, run_over
-from jfacerec.models import FaceModel, xla_cpu
+from jfacerec.inference.restore import Restored, make_features_fn, make_logits_fn, restore
+from jfacerec.inference.restore import run_over, to_host
 
 ImageLike = Any  # a path, a PIL image, or an array [h, w] / [h, w, 1|3|4]
 
@@ -41,22 +44,10 @@ def fingerprint(params: Any) -> str:
     weights, so embeddings from two models are never mixed up."""
     digest = hashlib.sha256()
     for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
-        array = np.asarray(leaf)
+        array = to_host(leaf)
         digest.update(f"{jax.tree_util.keystr(path)}{array.shape}{array.dtype}".encode())
         digest.update(np.ascontiguousarray(array).tobytes())
     return digest.hexdigest()[:16]
-
-
-def make_features_fn(model: FaceModel, *, flip: bool):
-    """(variables, images [b, h, w, 3]) -> float32 [b, d], not normalised: embed(x), plus
-    embed(flip_lr(x)) with `flip`. The norm is kept: set-based protocols (IJB) weigh faces by it."""
-
-    @functools.partial(jax.jit, compiler_options=xla_cpu.compiler_options())
-    def features(variables, images):
-        e = model.apply(variables, images, return_feats=True)
-        return e + model.apply(variables, images[:, :, ::-1], return_feats=True) if flip else e
-
-    return features
 
 
 def _landmarks_for(landmarks, n: int) -> np.ndarray | None:
@@ -88,9 +79,10 @@ class FaceRecognizer:
         self.embedding_dim = int(self._restored.model.embedding_dim)
         self.fingerprint = fingerprint(self._restored.variables["params"])
         self.threshold = threshold if threshold is not None else self._calibrated_threshold()
-        self._embed = make_embed_fn(self._restored.model, flip=self.flip)
-        self._logits = make_logits_fn(self._restored.model, flip=self.flip)
-        self._features = {f: make_features_fn(self._restored.model, flip=f) for f in (False, True)}
+        model = self._restored.model
+        self._embed = make_features_fn(model, flip=self.flip, normalize=True)
+        self._logits = make_logits_fn(model, flip=self.flip)
+        self._features = {f: make_features_fn(model, flip=f, normalize=False) for f in (False, True)}
         self.class_names = workdir_files.read_identities(workdir)
 
     def _calibrated_threshold(self) -> float | None:

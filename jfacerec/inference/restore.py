@@ -10,6 +10,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+from jax.experimental import multihost_utils
 from tqdm.auto import tqdm
 
 from jfacerec import models
@@ -49,9 +50,11 @@ def restore(config: ml_collections.ConfigDict, workdir: str, num_classes: int | 
     Its parameters and BatchNorm statistics only, not the optimizer state. The head keeps the
     saved width (padded or not, whatever mesh padded it) and gives `num_classes` logits: by
     default the checkpoint's own class count (a converted model's head need not fit the dataset
-    of the config it is evaluated with); `restored.model.num_classes` says which."""
+    of the config it is evaluated with); `restored.model.num_classes` says which. The weights
+    are placed on `parallel.inference_mesh`: the config's mesh in one process, every device of
+    every process in several (the backbone replicated, the head split as in training)."""
     step = select_step(workdir, step=step, checkpoint=checkpoint)
-    mesh = parallel.mesh_from_config(config)  # a model-split head restores split
+    mesh = parallel.inference_mesh(config)  # a model-split head restores split
     checkpointer = Checkpointer(workdir, read_only=True)
     saved_classes, columns = checkpointer.head(step)
     parallel.check_class_split(columns, mesh)
@@ -61,20 +64,25 @@ def restore(config: ml_collections.ConfigDict, workdir: str, num_classes: int | 
     return Restored(model, variables, step, mesh)
 
 
-def make_embed_fn(model: FaceModel, *, flip: bool) -> Callable:
-    """(variables, images [b, h, w, 3]) -> unit-norm float32 [b, d].
-
-    With `flip`, the embedding is normalise(embed(x) + embed(flip_lr(x))), as in arcface_torch.
-    """
+def make_features_fn(model: FaceModel, *, flip: bool, normalize: bool) -> Callable:
+    """(variables, images [b, h, w, 3]) -> float32 [b, d]: embed(x), plus embed(flip_lr(x)) with
+    `flip` (as arcface_torch does); with `normalize` scaled to unit norm (the embedding), else
+    not (the features: set-based protocols such as IJB weigh faces by their norm)."""
 
     @functools.partial(jax.jit, compiler_options=xla_cpu.compiler_options())
-    def embed(variables, images):
+    def features(variables, images):
         e = model.apply(variables, images, return_feats=True)
         if flip:
             e = e + model.apply(variables, images[:, :, ::-1], return_feats=True)
-        return l2_normalize(e)
+        return l2_normalize(e) if normalize else e
 
-    return embed
+    return features
+
+
+def make_embed_fn(model: FaceModel, *, flip: bool) -> Callable:
+    """(variables, images [b, h, w, 3]) -> unit-norm float32 [b, d]: `make_features_fn`'s
+    normalised features."""
+    return make_features_fn(model, flip=flip, normalize=True)
 
 
 def make_logits_fn(model: FaceModel, *, flip: bool) -> Callable:
@@ -93,23 +101,66 @@ def make_logits_fn(model: FaceModel, *, flip: bool) -> Callable:
     return logits
 
 
+def to_host(tree: Any) -> Any:
+    """Every array of `tree` whole, as NumPy, on every process: a jax.Array split over the devices
+    of several processes is gathered (a collective: every process must call this alike)."""
+
+    def whole(x):
+        if not isinstance(x, jax.Array) or x.is_fully_addressable or x.is_fully_replicated:
+            return np.asarray(x)
+        return multihost_utils.process_allgather(x, tiled=True)
+
+    return jax.tree.map(whole, tree)
+
+
+class _Rows:
+    """Records `indices` of another source, labels kept."""
+
+    def __init__(self, source: Source, indices: np.ndarray):
+        self.source, self.indices = source, indices
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, index: int) -> dict[str, np.ndarray]:
+        return self.source[int(self.indices[int(index)])]
+
+
 def run_over(fn: Callable, variables: Any, source: Source, *, batch_size: int, image_size: int,
              mesh: jax.sharding.Mesh, desc: str) -> tuple[np.ndarray, np.ndarray]:
     """Applies `fn(variables, images)` to every record of `source`, in order.
 
-    Batches are padded to `batch_size` (one compilation) and split over the mesh's devices.
+    Batches are padded to `batch_size` (one compilation) and split over the mesh's devices. With
+    several processes, every process passes the same source: each decodes and feeds only its own
+    devices' rows of each batch, and every process gets every output.
     Returns (outputs [n, ...], labels int32 [n]).
     """
-    n_dev = mesh.devices.size
-    batch_size = -(-batch_size // n_dev) * n_dev
+    batch_size = -(-batch_size // mesh.size) * mesh.size
     sharding = parallel.data_sharding(mesh)
+    own = parallel.process_rows(sharding, batch_size)
+    local = own.stop - own.start
+    n = len(source)
+    starts = range(0, n, batch_size)
+    # This process's records of each batch: none in a short last batch that ends before them.
+    mine = [np.arange(s + own.start, min(s + own.stop, n)) for s in starts]
+    batches = pipeline.eval_batches(_Rows(source, np.concatenate([[], *mine]).astype(np.int64)),
+                                    batch_size=local, image_size=image_size)
+    image_shape = (image_size, image_size, 3)
     outputs, labels = [], []
-    with tqdm(total=len(source), desc=desc, unit="img", leave=False) as bar:
-        for batch in pipeline.eval_batches(source, batch_size=batch_size, image_size=image_size):
-            n = len(batch["label"])
-            images = np.pad(batch["image"], ((0, batch_size - n), (0, 0), (0, 0), (0, 0)))
-            out = fn(variables, jax.device_put(jnp.asarray(images), sharding))
-            outputs.append(np.asarray(out)[:n])
-            labels.append(batch["label"])
-            bar.update(n)
+    with tqdm(total=n, desc=desc, unit="img", leave=False,
+              disable=jax.process_index() != 0) as bar:
+        for start, rows in zip(starts, mine):
+            batch = next(batches) if len(rows) else {
+                "image": np.zeros((0, *image_shape), np.float32), "label": np.zeros(0, np.int32)}
+            pad = local - len(rows)
+            images = jax.make_array_from_process_local_data(
+                sharding, np.pad(batch["image"], ((0, pad), (0, 0), (0, 0), (0, 0))),
+                (batch_size, *image_shape))
+            label = jax.make_array_from_process_local_data(
+                sharding, np.pad(batch["label"], (0, pad)), (batch_size,))
+            out, label = to_host((fn(variables, images), label))
+            count = min(batch_size, n - start)
+            outputs.append(out[:count])
+            labels.append(label[:count])
+            bar.update(count)
     return np.concatenate(outputs), np.concatenate(labels)
