@@ -1,12 +1,19 @@
-"""Writing result files atomically: readers see the old file or the new one, never half of one."""
+"""Writing result files atomically: readers see the old file or the new one, never half of one.
+
+On a local file system: a temporary file beside the target, renamed over it. On an object store
+(gs://, s3://): one upload of the whole object, which the store makes visible all at once.
+"""
 
 from __future__ import annotations
 
 import contextlib
+import io
 import os
 import secrets
 import stat
 from typing import IO, Iterator
+
+from jfacerec.core import storage
 
 
 def _create_beside(path: str) -> str:
@@ -23,7 +30,12 @@ def _create_beside(path: str) -> str:
 def atomic_open(path: str, mode: str = "w", **kwargs) -> Iterator[IO]:
     """Opens a temporary file beside `path`; on success it is flushed to disk and renamed over
     `path`, keeping `path`'s permissions; on an exception it is removed and `path` is untouched.
-    An OSError without a file name (a full disk while writing) gets `path` as its file name."""
+    An OSError without a file name (a full disk while writing) gets `path` as its file name.
+    On an object store the content is buffered and uploaded in one piece on success."""
+    if storage.is_remote(path):
+        with _remote_open(path, mode) as f:
+            yield f
+        return
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     tmp = _create_beside(path)
     try:
@@ -40,3 +52,15 @@ def atomic_open(path: str, mode: str = "w", **kwargs) -> Iterator[IO]:
         if isinstance(e, OSError) and e.filename is None:
             e.filename = path
         raise
+
+
+@contextlib.contextmanager
+def _remote_open(path: str, mode: str) -> Iterator[IO]:
+    buffer = io.BytesIO() if "b" in mode else io.StringIO()
+    yield buffer
+    data = buffer.getvalue()
+    target = storage.epath_of(path)
+    if "b" in mode:
+        target.write_bytes(data)
+    else:
+        target.write_text(data)

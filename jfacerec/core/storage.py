@@ -1,0 +1,183 @@
+"""Local paths and object storage (gs://, s3://) behind one set of functions.
+
+Every file jfacerec reads or writes under a workdir or a dataset root goes through here, so that
+`--workdir gs://bucket/run` works on a TPU VM without a gcsfuse mount. Paths stay strings; a local
+one is handled by `os` (as before), a URI by `etils.epath`, the path library orbax uses too (its
+`gs://` backend is gcsfs, which honours `STORAGE_EMULATOR_HOST`; orbax's arrays go through
+TensorStore's own GCS driver, which honours `TENSORSTORE_GCS_HTTP_URL`).
+
+Object stores have no rename and no append. An object is created whole by one upload, which is
+how `core.atomic` writes there; appending rewrites the object.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import posixpath
+import secrets
+from typing import IO, Iterator
+
+from etils import epath
+
+REMOTE_SCHEMES = ("gs://", "s3://", "az://", "hf://")
+
+
+def is_remote(path: str | os.PathLike) -> bool:
+    """Whether `path` is an object-store URI (gs://, s3://, ...) rather than a local path."""
+    return os.fspath(path).startswith(REMOTE_SCHEMES)
+
+
+def epath_of(path: str | os.PathLike) -> epath.Path:
+    return epath.Path(os.fspath(path))
+
+
+def join(base: str | os.PathLike, *names: str) -> str:
+    base = os.fspath(base)
+    return posixpath.join(base, *names) if is_remote(base) else os.path.join(base, *names)
+
+
+def dirname(path: str | os.PathLike) -> str:
+    path = os.fspath(path)
+    return posixpath.dirname(path.rstrip("/")) if is_remote(path) else os.path.dirname(path)
+
+
+def absolute(path: str | os.PathLike) -> str:
+    """An absolute local path; a URI as it is."""
+    path = os.fspath(path)
+    return path.rstrip("/") if is_remote(path) else os.path.abspath(path)
+
+
+def exists(path: str | os.PathLike) -> bool:
+    return epath_of(path).exists() if is_remote(path) else os.path.exists(path)
+
+
+def isfile(path: str | os.PathLike) -> bool:
+    return epath_of(path).is_file() if is_remote(path) else os.path.isfile(path)
+
+
+def isdir(path: str | os.PathLike) -> bool:
+    return epath_of(path).is_dir() if is_remote(path) else os.path.isdir(path)
+
+
+def makedirs(path: str | os.PathLike) -> None:
+    """Creates the folder and its parents (a no-op on object stores, which have no folders)."""
+    if is_remote(path):
+        epath_of(path).mkdir(parents=True, exist_ok=True)
+    else:
+        os.makedirs(path, exist_ok=True)
+
+
+def listdir(path: str | os.PathLike) -> list[str]:
+    """The names in a folder, sorted."""
+    if is_remote(path):
+        return sorted(p.name for p in epath_of(path).iterdir())
+    return sorted(os.listdir(path))
+
+
+def files_under(root: str | os.PathLike) -> list[str]:
+    """Every file below `root`, as sorted '/'-separated paths relative to it."""
+    root = os.fspath(root).rstrip("/")
+    if is_remote(root):
+        return sorted(posixpath.relpath(posixpath.join(d, name), root)
+                      for d, _, names in walk_names(root) for name in names)
+    return sorted(os.path.relpath(os.path.join(d, name), root).replace(os.sep, "/")
+                  for d, _, names in os.walk(root) for name in names)
+
+
+def getsize(path: str | os.PathLike) -> int:
+    return epath_of(path).stat().length if is_remote(path) else os.path.getsize(path)
+
+
+def open(path: str | os.PathLike, mode: str = "r", **kwargs) -> IO:  # noqa: A001
+    """Opens a file for reading (or for a whole local write; remote writes go through
+    `core.atomic.atomic_open`)."""
+    if is_remote(path):
+        return epath_of(path).open(mode, **kwargs)
+    return io.open(path, mode, **kwargs)
+
+
+def read_text(path: str | os.PathLike) -> str:
+    with open(path) as f:
+        return f.read()
+
+
+def read_bytes(path: str | os.PathLike) -> bytes:
+    with open(path, "rb") as f:
+        return f.read()
+
+
+def remove(path: str | os.PathLike) -> None:
+    if is_remote(path):
+        epath_of(path).unlink()
+    else:
+        os.remove(path)
+
+
+def rmtree(path: str | os.PathLike) -> None:
+    if is_remote(path):
+        epath_of(path).rmtree()
+    else:
+        import shutil
+        shutil.rmtree(path)
+
+
+def rename(source: str | os.PathLike, target: str | os.PathLike) -> None:
+    """Renames a file or folder (on an object store: copies each object, then deletes it)."""
+    if is_remote(source):
+        epath_of(source).rename(epath_of(target))
+    else:
+        os.rename(source, target)
+
+
+def append_text(path: str | os.PathLike, text: str) -> None:
+    """Appends to a text file; an object is rewritten whole with `text` added (stores have no
+    append), so a reader sees the file before or after, never half a line."""
+    if is_remote(path):
+        from jfacerec.core.atomic import atomic_open
+        before = read_text(path) if isfile(path) else ""
+        with atomic_open(path) as f:
+            f.write(before + text)
+    else:
+        with io.open(path, "a") as f:
+            f.write(text)
+
+
+def check_writable(directory: str | os.PathLike) -> None:
+    """Raises a one-line ValueError naming `directory` when files cannot be created, read back
+    and replaced in it: a missing bucket, no credentials, a read-only or rename-less file system.
+
+    Called before training writes anything, so that such a run stops at once, not at its first
+    checkpoint.
+    """
+    from jfacerec.core.atomic import atomic_open
+    directory = os.fspath(directory)
+    probe = join(directory, f".jfacerec-probe-{secrets.token_hex(4)}")
+    try:
+        makedirs(directory)
+        with atomic_open(probe) as f:
+            f.write("probe\n")
+        with atomic_open(probe) as f:  # replacing: a rename on a local file system
+            f.write("probe again\n")
+        if read_text(probe) != "probe again\n":
+            raise OSError("a file written there reads back differently")
+        remove(probe)
+    except Exception as e:  # noqa: BLE001 - any failure of the store is the user's to fix
+        reason = " ".join(str(e).split())[:300] or type(e).__name__
+        hint = ("check that the bucket exists and that this machine's credentials may write to "
+                "it (gcloud auth application-default login, or the VM's service account)"
+                if is_remote(directory) else
+                "choose a --workdir on a writable file system that allows renames")
+        raise ValueError(f"cannot write to {directory}: {type(e).__name__}: {reason}; "
+                         f"{hint}") from None
+
+
+def walk_names(root: str | os.PathLike) -> Iterator[tuple[str, list[str], list[str]]]:
+    """os.walk for local roots and object stores alike: (folder, subfolder names, file names)."""
+    if not is_remote(root):
+        yield from os.walk(root)
+        return
+    scheme = os.fspath(root).split("://")[0] + "://"
+    for folder, dirs, names in epath_of(root).walk():
+        folder = str(folder)  # gcsfs gives "bucket/path": the scheme is put back
+        yield (folder if folder.startswith(scheme) else scheme + folder), sorted(dirs), sorted(names)
