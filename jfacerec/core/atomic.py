@@ -64,3 +64,43 @@ def _remote_open(path: str, mode: str) -> Iterator[IO]:
         target.write_bytes(data)
     else:
         target.write_text(data)
+
+
+def append_text(path: str | os.PathLike, text: str) -> None:
+    """Appends to a text file; an object is rewritten whole with `text` added (stores have no
+    append), so a reader sees the file before or after, never half a line."""
+    if storage.is_remote(path):
+        before = storage.read_text(path) if storage.isfile(path) else ""
+        with atomic_open(path) as f:
+            f.write(before + text)
+    else:
+        with io.open(path, "a") as f:
+            f.write(text)
+
+
+def check_writable(directory: str | os.PathLike) -> None:
+    """Raises a one-line ValueError naming `directory` when files cannot be created, read back
+    and replaced in it: a missing bucket, no credentials, a read-only or rename-less file system.
+
+    Called before training writes anything, so that such a run stops at once, not at its first
+    checkpoint.
+    """
+    directory = os.fspath(directory)
+    probe = storage.join(directory, f".jfacerec-probe-{secrets.token_hex(4)}")
+    try:
+        storage.makedirs(directory)
+        with atomic_open(probe) as f:
+            f.write("probe\n")
+        with atomic_open(probe) as f:  # replacing: a rename on a local file system
+            f.write("probe again\n")
+        if storage.read_text(probe) != "probe again\n":
+            raise OSError("a file written there reads back differently")
+        storage.remove(probe)
+    except Exception as e:  # noqa: BLE001 - any failure of the store is the user's to fix
+        reason = " ".join(str(e).split())[:300] or type(e).__name__
+        hint = ("check that the bucket exists and that this machine's credentials may write to "
+                "it (gcloud auth application-default login, or the VM's service account)"
+                if storage.is_remote(directory) else
+                "choose a --workdir on a writable file system that allows renames")
+        raise ValueError(f"cannot write to {directory}: {type(e).__name__}: {reason}; "
+                         f"{hint}") from None

@@ -7,7 +7,7 @@ one is handled by `os` (as before), a URI by `etils.epath`, the path library orb
 TensorStore's own GCS driver, which honours `TENSORSTORE_GCS_HTTP_URL`).
 
 Object stores have no rename and no append. An object is created whole by one upload, which is
-how `core.atomic` writes there; appending rewrites the object.
+how `core.atomic` writes there (and appends, by rewriting the object).
 """
 
 from __future__ import annotations
@@ -15,7 +15,6 @@ from __future__ import annotations
 import io
 import os
 import posixpath
-import secrets
 from typing import IO, Iterator
 
 from etils import epath
@@ -128,48 +127,6 @@ def rename(source: str | os.PathLike, target: str | os.PathLike) -> None:
         epath_of(source).rename(epath_of(target))
     else:
         os.rename(source, target)
-
-
-def append_text(path: str | os.PathLike, text: str) -> None:
-    """Appends to a text file; an object is rewritten whole with `text` added (stores have no
-    append), so a reader sees the file before or after, never half a line."""
-    if is_remote(path):
-        from jfacerec.core.atomic import atomic_open
-        before = read_text(path) if isfile(path) else ""
-        with atomic_open(path) as f:
-            f.write(before + text)
-    else:
-        with io.open(path, "a") as f:
-            f.write(text)
-
-
-def check_writable(directory: str | os.PathLike) -> None:
-    """Raises a one-line ValueError naming `directory` when files cannot be created, read back
-    and replaced in it: a missing bucket, no credentials, a read-only or rename-less file system.
-
-    Called before training writes anything, so that such a run stops at once, not at its first
-    checkpoint.
-    """
-    from jfacerec.core.atomic import atomic_open
-    directory = os.fspath(directory)
-    probe = join(directory, f".jfacerec-probe-{secrets.token_hex(4)}")
-    try:
-        makedirs(directory)
-        with atomic_open(probe) as f:
-            f.write("probe\n")
-        with atomic_open(probe) as f:  # replacing: a rename on a local file system
-            f.write("probe again\n")
-        if read_text(probe) != "probe again\n":
-            raise OSError("a file written there reads back differently")
-        remove(probe)
-    except Exception as e:  # noqa: BLE001 - any failure of the store is the user's to fix
-        reason = " ".join(str(e).split())[:300] or type(e).__name__
-        hint = ("check that the bucket exists and that this machine's credentials may write to "
-                "it (gcloud auth application-default login, or the VM's service account)"
-                if is_remote(directory) else
-                "choose a --workdir on a writable file system that allows renames")
-        raise ValueError(f"cannot write to {directory}: {type(e).__name__}: {reason}; "
-                         f"{hint}") from None
 
 
 def walk_names(root: str | os.PathLike) -> Iterator[tuple[str, list[str], list[str]]]:
