@@ -4,6 +4,9 @@ Two trainers in one workdir would interleave metrics.jsonl and race each other's
 lock is `fcntl.flock`, which the OS drops when its holder exits, however it exits: a run killed
 with SIGKILL leaves nothing to clean up, and resuming it just takes the lock again. Readers
 (`evaluate`, `jfacerec.load`, `gallery`) take no lock: they may read a workdir while it trains.
+
+An object store (a gs:// workdir) has no lock its holder's death releases, so there the lock is
+not taken: one trainer per bucket path is then the launcher's to keep (launch/ runs one).
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ import os
 import socket
 from typing import Iterator
 
+from jfacerec.core import storage
 from jfacerec.core import workdir as workdir_files
 
 
@@ -33,6 +37,9 @@ def exclusive(workdir: str) -> Iterator[None]:
     away. The file is never removed: removing it would let a third process lock a new file while a
     second still holds the old one.
     """
+    if storage.is_remote(workdir):
+        yield
+        return
     path = workdir_files.path(workdir, workdir_files.LOCK)
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
     try:
