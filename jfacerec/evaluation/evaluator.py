@@ -12,7 +12,6 @@ Writes WORKDIR/eval/metrics.json, roc.png and scores.png (names in jfacerec/core
 
 from __future__ import annotations
 
-import os
 import sys
 from typing import Sequence
 
@@ -21,6 +20,7 @@ import ml_collections
 import numpy as np
 
 from jfacerec import metrics
+from jfacerec.core import storage
 from jfacerec.core import workdir as workdir_files
 from jfacerec.data import sources
 from jfacerec.data.bin import read_bin
@@ -90,7 +90,7 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str,
     # its embeddings are evaluated, its classes are not the dataset's.
     restored = restore(config, workdir)
     classes = restored.model.num_classes
-    os.makedirs(workdir_files.path(workdir, workdir_files.EVAL), exist_ok=True)
+    storage.makedirs(workdir_files.path(workdir, workdir_files.EVAL))
     variables = restored.variables
     run = dict(batch_size=config.eval.batch_size, image_size=config.image_size,
                mesh=restored.mesh)

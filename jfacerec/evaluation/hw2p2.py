@@ -10,6 +10,7 @@ import os
 import numpy as np
 
 from jfacerec import metrics
+from jfacerec.core import storage
 from jfacerec.core.atomic import atomic_open
 from jfacerec.data.folders import scan_flat_folder, scan_identity_folders
 from jfacerec.data.sources import Hw2p2Layout, read_id_label_csv
@@ -27,14 +28,14 @@ def write_csv(path: str, rows: list[tuple[str, str]]) -> None:
 def classification_rows(recognizer: FaceRecognizer, folder: str, *,
                         strict: bool) -> list[tuple[str, str]]:
     """(file name, predicted training identity) for each image of a flat folder."""
-    files = scan_flat_folder(os.path.abspath(folder), strict=strict)
+    files = scan_flat_folder(storage.absolute(folder), strict=strict)
     names = recognizer.classify_files(list(files.paths))
     return [(os.path.basename(p), n) for p, n in zip(files.paths, names)]
 
 
 def classification_dev_accuracy(recognizer: FaceRecognizer, folder: str, *,
                                 strict: bool) -> float:
-    files = scan_identity_folders(os.path.abspath(folder), strict=strict)
+    files = scan_identity_folders(storage.absolute(folder), strict=strict)
     predicted = recognizer.classify_files(list(files.paths))
     truth = [files.names[c] for c in files.labels]
     return float(np.mean([p == t for p, t in zip(predicted, truth)]))
@@ -43,7 +44,7 @@ def classification_dev_accuracy(recognizer: FaceRecognizer, folder: str, *,
 def best_known_matches(recognizer: FaceRecognizer, gallery, folder: str, *,
                        strict: bool) -> tuple[list[str], np.ndarray, np.ndarray]:
     """(file names, best scores [n], best gallery rows [n]) of a flat query folder."""
-    files = scan_flat_folder(os.path.abspath(folder), strict=strict)
+    files = scan_flat_folder(storage.absolute(folder), strict=strict)
     matches = gallery.identify(recognizer.embed_files(list(files.paths), desc=folder), k=1,
                                threshold=-np.inf)
     ids = [os.path.basename(p) for p in files.paths]
@@ -69,14 +70,14 @@ def check_layout(layout: Hw2p2Layout, split: str) -> None:
     model is loaded: classification/test/ (for classification.csv) or verification/known/ (for
     verification.csv, which then needs unknown_dev/, dev_identities.csv and unknown_<split>/)."""
     where = f"{layout.root} is not the HW2P2 layout"
-    if not os.path.isdir(layout.root):
+    if not storage.isdir(layout.root):
         raise FileNotFoundError(f"{layout.root}: no such folder; --data is the HW2P2 root")
-    if not os.path.isdir(layout.test) and not os.path.isdir(layout.known):
+    if not storage.isdir(layout.test) and not storage.isdir(layout.known):
         raise FileNotFoundError(f"{where}: it has neither classification/test/ nor "
                                 f"verification/known/; --data is the folder holding both")
     needed = [layout.unknown("dev"), layout.dev_identities, layout.unknown(split)]
-    if os.path.isdir(layout.known) and (missing := [os.path.relpath(p, layout.root) for p in needed
-                                                    if not os.path.exists(p)]):
+    if storage.isdir(layout.known) and (missing := [os.path.relpath(p, layout.root) for p in needed
+                                                    if not storage.exists(p)]):
         raise FileNotFoundError(f"{where}: verification/known/ is there but not "
                                 f"{', '.join(missing)}, which verification.csv needs")
 
@@ -88,15 +89,15 @@ def predict(workdir: str, data: str, out: str, *, split: str = "test",
     check_layout(layout, split)
     recognizer = load(workdir)
     report: dict[str, float] = {"step": recognizer.step, "flip_averaged": recognizer.flip}
-    os.makedirs(out, exist_ok=True)
-    if os.path.isdir(layout.dev):
+    storage.makedirs(out)
+    if storage.isdir(layout.dev):
         report["classification/dev_top1"] = classification_dev_accuracy(recognizer, layout.dev,
                                                                          strict=strict)
-    if os.path.isdir(layout.test):
-        write_csv(os.path.join(out, "classification.csv"),
+    if storage.isdir(layout.test):
+        write_csv(storage.join(out, "classification.csv"),
                   classification_rows(recognizer, layout.test, strict=strict))
-    if os.path.isdir(layout.known):
-        gallery = enroll(recognizer, scan_identity_folders(os.path.abspath(layout.known),
+    if storage.isdir(layout.known):
+        gallery = enroll(recognizer, scan_identity_folders(storage.absolute(layout.known),
                                                            strict=strict))
         ids, scores, best = best_known_matches(recognizer, gallery, layout.unknown("dev"),
                                                strict=strict)
@@ -107,7 +108,7 @@ def predict(workdir: str, data: str, out: str, *, split: str = "test",
             ids, scores, best = best_known_matches(recognizer, gallery, layout.unknown(split),
                                                    strict=strict)
         labels = np.where(scores >= threshold, best, UNKNOWN)
-        write_csv(os.path.join(out, "verification.csv"), list(zip(ids, labels.tolist())))
-    with atomic_open(os.path.join(out, "report.json")) as f:
+        write_csv(storage.join(out, "verification.csv"), list(zip(ids, labels.tolist())))
+    with atomic_open(storage.join(out, "report.json")) as f:
         json.dump(report, f, indent=2, sort_keys=True)
     return report

@@ -20,13 +20,12 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 
 import numpy as np
 from absl import flags
 
 from jfacerec import metrics
-from jfacerec.core import cli
+from jfacerec.core import cli, storage
 from jfacerec.core import workdir as workdir_files
 from jfacerec.core.atomic import atomic_open
 from jfacerec.data.align import check_landmarks
@@ -59,8 +58,8 @@ class IjbRelease:
 
 def meta_file(root: str, target: str, name: str) -> str:
     """ROOT/meta/<target in lower case>_<name>.txt, or FileNotFoundError naming it."""
-    path = os.path.join(root, "meta", f"{target.lower()}_{name}.txt")
-    if not os.path.isfile(path):
+    path = storage.join(root, "meta", f"{target.lower()}_{name}.txt")
+    if not storage.isfile(path):
         raise FileNotFoundError(f"{path}: missing from the {target} release; --root must be the "
                                 f"folder holding meta/ and loose_crop/ (e.g. IJB_release/{target})")
     return path
@@ -69,7 +68,7 @@ def meta_file(root: str, target: str, name: str) -> str:
 def _rows(path: str, fields: int) -> list[tuple[int, list[str]]]:
     """(line number, fields) of every non-empty line; another number of fields is a ValueError."""
     rows = []
-    with open(path) as f:
+    with storage.open(path) as f:
         for number, line in enumerate(f, 1):
             if not (parts := line.split()):
                 continue
@@ -131,7 +130,7 @@ def read_release(root: str, target: str) -> IjbRelease:
     if not same:
         raise ValueError(f"{pairs_path} holds no template pairs")
     return IjbRelease(
-        images=tuple(os.path.join(root, "loose_crop", n) for n in names),
+        images=tuple(storage.join(root, "loose_crop", n) for n in names),
         templates=np.array(templates, np.int64), medias=np.array(medias, np.int64),
         landmarks=np.array([points[n][0] for n in names]).reshape(-1, 5, 2),
         faceness=np.array([points[n][1] for n in names], np.float64),
@@ -200,7 +199,7 @@ def run(workdir: str, root: str, target: str, *, detector_score: bool = True,
     ids, embeddings = template_embeddings(features, release.templates, release.medias)
     scores = score_pairs(ids, embeddings, release.first, release.second)
     results = {
-        "target": target, "root": os.path.abspath(root), "step": model.step,
+        "target": target, "root": storage.absolute(root), "step": model.step,
         "fingerprint": model.fingerprint, "flip": flip, "norm_score": norm_score,
         "detector_score": detector_score, "num_faces": len(release.images),
         "num_templates": len(ids), "num_pairs": len(scores),

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import copy
 import json
-import os
 import time
 
 import numpy as np
@@ -25,8 +24,8 @@ from jfacerec import metrics
 from jfacerec.data.pairs import LfwPair, read_lfw_pairs
 from jfacerec.evaluation import plots, protocols
 from jfacerec.inference.recognizer import load
+from jfacerec.core import cli, storage
 from jfacerec.core.atomic import atomic_open
-from jfacerec.core import cli
 
 
 def score_pairs(workdir: str, pairs: list[LfwPair], root: str) -> np.ndarray:
@@ -65,7 +64,7 @@ def run(config, workdir: str, folds: list[int] | None = None) -> dict:
     for fold in folds:
         fold_config = copy.deepcopy(config)
         fold_config.dataset.fold = fold
-        fold_dir = os.path.join(workdir, f"fold_{fold:02d}")
+        fold_dir = storage.join(workdir, f"fold_{fold:02d}")
         start = time.time()
         train(fold_config, fold_dir)
         pairs = all_folds[fold]
@@ -75,7 +74,7 @@ def run(config, workdir: str, folds: list[int] | None = None) -> dict:
     accuracies, thresholds, spread = fold_accuracies(scores, same)
     all_scores, all_same = np.concatenate(scores), np.concatenate(same)
     results = {
-        "pairs_file": os.path.abspath(config.dataset.pairs),
+        "pairs_file": storage.absolute(config.dataset.pairs),
         "folds": folds,
         "threshold_selection": "10-fold cross-validation within the fold" if len(folds) == 1
                                else "best threshold on the other evaluated folds",
@@ -91,11 +90,11 @@ def run(config, workdir: str, folds: list[int] | None = None) -> dict:
         "tar@far=1e-2": metrics.tar_at_far(all_scores, all_same, 1e-2),
         "tar@far=1e-3": metrics.tar_at_far(all_scores, all_same, 1e-3),
     }
-    with atomic_open(os.path.join(workdir, "lfw_results.json")) as f:
+    with atomic_open(storage.join(workdir, "lfw_results.json")) as f:
         json.dump(results, f, indent=2)
-    plots.roc_plot(os.path.join(workdir, "lfw_roc.png"),
+    plots.roc_plot(storage.join(workdir, "lfw_roc.png"),
                     {f"{config.model.name} (LFW)": (all_scores, all_same)})
-    plots.score_histogram(os.path.join(workdir, "lfw_scores.png"), all_scores, all_same,
+    plots.score_histogram(storage.join(workdir, "lfw_scores.png"), all_scores, all_same,
                            float(np.median(thresholds)))
     return results
 
@@ -124,7 +123,7 @@ def main(argv):
           f"({results['threshold_selection']}); AUC {results['auc']:.4f}, EER "
           f"{results['eer']:.4f}, TAR@FAR=1e-2 {results['tar@far=1e-2']:.4f}, TAR@FAR=1e-3 "
           f"{results['tar@far=1e-3']:.4f}")
-    print(f"wrote {os.path.join(f.workdir, 'lfw_results.json')} and lfw_roc.png")
+    print(f"wrote {storage.join(f.workdir, 'lfw_results.json')} and lfw_roc.png")
 
 
 if __name__ == "__main__":

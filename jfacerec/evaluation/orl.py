@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import copy
 import json
-import os
 
 import numpy as np
 from absl import flags
@@ -23,8 +22,8 @@ from absl import flags
 from jfacerec import metrics
 from jfacerec.evaluation import protocols
 from jfacerec.inference.recognizer import load
+from jfacerec.core import cli, storage
 from jfacerec.core.atomic import atomic_open
-from jfacerec.core import cli
 from jfacerec.data import sources
 from jfacerec.data.records import ImageFileSource
 from jfacerec.inference.gallery import enroll
@@ -56,7 +55,7 @@ def closed_set_split(config, workdir: str, split: int) -> dict[str, float]:
     c = copy.deepcopy(config)
     c.dataset.split, c.dataset.known_identities = split, 40
     data = sources.get_dataset(c)
-    run_dir = os.path.join(workdir, f"closed_{split:02d}")
+    run_dir = storage.join(workdir, f"closed_{split:02d}")
     train(c, run_dir)
     test_names = [data.test.files.names[label] for label in data.test.labels()]
     predicted = load(run_dir).classify_files(list(data.test.files.paths))
@@ -74,7 +73,7 @@ def open_set_split(config, workdir: str, split: int) -> dict[str, tuple[np.ndarr
     c = copy.deepcopy(config)
     c.dataset.split, c.dataset.known_identities = split, config.dataset.open_set_known
     data = sources.get_dataset(c)
-    run_dir = os.path.join(workdir, f"open_{split:02d}")
+    run_dir = storage.join(workdir, f"open_{split:02d}")
     train(c, run_dir)
     recognizer = load(run_dir)
     gallery = enroll(recognizer, data.train.files)
@@ -110,7 +109,7 @@ def run(config, workdir: str, splits: int) -> dict:
         results[method] = {"closed_set_accuracy": c, "closed_set_mean": float(np.mean(c)),
                            "closed_set_std": float(np.std(c)), "open_set_accuracy": o,
                            "open_set_mean": float(np.mean(o)), "open_set_std": float(np.std(o))}
-    with atomic_open(os.path.join(workdir, "orl_results.json")) as f:
+    with atomic_open(storage.join(workdir, "orl_results.json")) as f:
         json.dump(results, f, indent=2)
     return results
 
@@ -125,7 +124,7 @@ def main(argv):
         print(f"{method:<11} closed set {r['closed_set_mean']:.4f} +- {r['closed_set_std']:.4f}   "
               f"open set {r['open_set_mean']:.4f} +- {r['open_set_std']:.4f}")
     print(f"({results['splits']} splits; open-set threshold {results['open_set_threshold']}); "
-          f"wrote {os.path.join(f.workdir, 'orl_results.json')}")
+          f"wrote {storage.join(f.workdir, 'orl_results.json')}")
 
 
 if __name__ == "__main__":

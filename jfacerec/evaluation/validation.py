@@ -20,7 +20,6 @@ one process.
 from __future__ import annotations
 
 import dataclasses
-import os
 from typing import Any, Callable
 
 import jax
@@ -29,7 +28,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from jfacerec import models
-from jfacerec.core import parallel
+from jfacerec.core import parallel, storage
 from jfacerec.data import pipeline, sources
 from jfacerec.evaluation import protocols
 from jfacerec.evaluation.evaluator import cosine_of_pairs, verification_metrics
@@ -61,7 +60,7 @@ class Validation:
 
 def set_name(spec: str) -> str:
     """"unseen", or a .bin file's name without `.bin`."""
-    return UNSEEN if spec == UNSEEN else os.path.basename(spec).removesuffix(".bin")
+    return UNSEEN if spec == UNSEEN else spec.rstrip("/").rsplit("/", 1)[-1].removesuffix(".bin")
 
 
 def set_specs(config: ml_collections.ConfigDict) -> list[str]:
@@ -76,7 +75,7 @@ def set_specs(config: ml_collections.ConfigDict) -> list[str]:
             continue
         if not spec.endswith(".bin"):
             raise ValueError(f"eval.sets entry {spec!r} is neither 'unseen' nor a .bin file")
-        if not os.path.isfile(spec):
+        if not storage.isfile(spec):
             raise FileNotFoundError(f"{spec}: no such .bin file (eval.sets)")
     names = [set_name(s) for s in specs]
     twice = sorted({n for n in names if names.count(n) > 1})
