@@ -122,9 +122,16 @@ def rmtree(path: str | os.PathLike) -> None:
 
 
 def rename(source: str | os.PathLike, target: str | os.PathLike) -> None:
-    """Renames a file or folder (on an object store: copies each object, then deletes it)."""
+    """Renames a file or folder (on an object store, which has no rename: copies each object,
+    then deletes the originals; gcsfs's own move first tries an API that not every server has)."""
     if is_remote(source):
-        epath_of(source).rename(epath_of(target))
+        if isfile(source):
+            epath_of(source).copy(epath_of(target))
+            remove(source)
+            return
+        for name in files_under(source):
+            epath_of(join(source, name)).copy(epath_of(join(target, name)))
+        rmtree(source)
     else:
         os.rename(source, target)
 

@@ -13,9 +13,7 @@ nothing.
 from __future__ import annotations
 
 import contextlib
-import os
 import secrets
-import shutil
 from typing import Any
 
 import jax
@@ -24,7 +22,7 @@ import ml_collections
 import numpy as np
 
 from jfacerec import models
-from jfacerec.core import config_base
+from jfacerec.core import config_base, storage
 from jfacerec.core import workdir as workdir_files
 from jfacerec.core.checkpoint import Checkpointer
 from jfacerec.interop.arcface_torch import shortened
@@ -97,7 +95,7 @@ def complete_variables(backbone: dict[str, Any], model: str, num_classes: int, s
 
 
 def _check_target(workdir: str) -> None:
-    if os.path.exists(workdir) and (not os.path.isdir(workdir) or os.listdir(workdir)):
+    if storage.exists(workdir) and (not storage.isdir(workdir) or storage.listdir(workdir)):
         raise ValueError(f"{workdir} exists and is not empty: convert into a new --workdir (the "
                          f"conversion never writes over a workdir)")
 
@@ -106,12 +104,14 @@ def write_workdir(workdir: str, config: ml_collections.ConfigDict, variables: di
                   num_classes: int) -> None:
     """Writes config.json, identities.json (the classes named "0", "1", ...) and checkpoint 0
     holding `variables`, into a hidden folder beside `workdir`, renamed to `workdir` once
-    complete. Refuses (ValueError) a `workdir` that exists and is not empty."""
+    complete (on an object store: copied there, then deleted). Refuses (ValueError) a `workdir`
+    that exists and is not empty."""
     _check_target(workdir)
-    parent, name = os.path.split(os.path.abspath(workdir))
-    os.makedirs(parent, exist_ok=True)
-    staging = os.path.join(parent, f".{name}.converting-{secrets.token_hex(4)}")
-    os.mkdir(staging)
+    workdir = storage.absolute(workdir)
+    parent, name = storage.dirname(workdir), workdir.rsplit("/", 1)[-1]
+    storage.makedirs(parent)
+    staging = storage.join(parent, f".{name}.converting-{secrets.token_hex(4)}")
+    storage.makedirs(staging)
     try:
         state = TrainState(step=jnp.zeros((), jnp.int32), params=variables["params"],
                            batch_stats=variables["batch_stats"], opt_state={}, centers={},
@@ -124,8 +124,8 @@ def write_workdir(workdir: str, config: ml_collections.ConfigDict, variables: di
         workdir_files.write_config(config, staging)
         workdir_files.write_identities(tuple(str(i) for i in range(num_classes)), staging)
         _check_target(workdir)
-        os.replace(staging, workdir)
+        storage.rename(staging, workdir)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
-            shutil.rmtree(staging)
+            storage.rmtree(staging)
         raise

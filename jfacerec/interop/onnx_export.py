@@ -25,6 +25,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
+from jfacerec.core import storage
 from jfacerec.core import workdir as workdir_files
 from jfacerec.core.atomic import atomic_open
 from jfacerec.inference.restore import restore
@@ -466,6 +467,8 @@ def write_onnx(proto: onnx.ModelProto, out: str) -> None:
 
 def check_output_path(out: str) -> None:
     """ValueError, naming `out`, when it cannot be a file: a folder, or below a plain file."""
+    if storage.is_remote(out):  # an object store has no folders to be in the way
+        return
     if os.path.isdir(out):
         raise ValueError(f"--out {out} is a folder: name the .onnx file to write")
     parent = os.path.dirname(os.path.abspath(out))
@@ -500,7 +503,7 @@ def export_workdir(workdir: str, out: str, *, step: int | None = None) -> Export
     image_size = int(config.image_size)
     proto = to_onnx(restored.model, jax.device_get(restored.variables), image_size, metadata={
         "jfacerec.model": str(config.model.name), "jfacerec.step": str(restored.step),
-        "jfacerec.workdir": os.path.abspath(workdir)})
+        "jfacerec.workdir": storage.absolute(workdir)})
     write_onnx(proto, out)
     return Exported(out, str(config.model.name), restored.step, image_size,
                     int(restored.model.embedding_dim))

@@ -22,11 +22,11 @@ per channel (the pipeline already gives (x - 127.5) / 127.5); another shift is r
 from __future__ import annotations
 
 import dataclasses
-import os
 from typing import Any, Sequence
 
 import numpy as np
 
+from jfacerec.core import storage
 from jfacerec.interop.arcface_torch import BN_EPS, SUPPORTED, Layer
 
 _CONSTANT_OPS = ("Identity", "Cast", "Unsqueeze", "Squeeze", "Reshape", "Transpose")
@@ -304,14 +304,15 @@ def _match(ops: list[_Op], spec: Sequence[Layer], path: str) -> list[dict[str, n
 
 
 def _load(path: str) -> Any:
-    if not os.path.isfile(path):
+    if not storage.isfile(path):
         raise FileNotFoundError(f"{path}: no such file; pass an ONNX model file")
     try:
         import onnx
     except ImportError:
         raise ValueError("reading ONNX files needs the onnx package: pip install onnx") from None
     try:
-        return onnx.load(path)
+        with storage.open(path, "rb") as f:
+            return onnx.load(f)
     except Exception as e:  # protobuf's DecodeError and onnx's own errors share no base
         raise ValueError(f"{path}: not a readable ONNX model ({type(e).__name__}: "
                          f"{str(e)[:120]}); the file is truncated or of another format") from e

@@ -12,14 +12,13 @@ callables a state dict needs; each storage becomes a NumPy array and each tensor
 from __future__ import annotations
 
 import collections
-import os
 import zipfile
 from typing import Any
 
 import ml_dtypes
 import numpy as np
 
-from jfacerec.core import safe_pickle
+from jfacerec.core import safe_pickle, storage
 
 # torch's typed storage classes, as torch.save names them, and the element type of each.
 _STORAGES = {
@@ -130,11 +129,11 @@ def read_state_dict(path: str) -> dict[str, np.ndarray]:
     pickled model; ValueError, naming the file, when it is truncated, of another format, or
     holds no dict of tensors.
     """
-    if not os.path.isfile(path):
+    if not storage.isfile(path):
         raise FileNotFoundError(f"{path}: no such file; pass a .pth state dict written by "
                                 f"torch.save(model.state_dict(), ...)")
     try:
-        with zipfile.ZipFile(path) as archive:
+        with storage.open(path, "rb") as f, zipfile.ZipFile(f) as archive:
             prefix = _prefix(archive, path)
             loader = _storage_loader(archive, prefix, _byteorder(archive, prefix))
             allowed = _allowed()
