@@ -150,6 +150,29 @@ def test_recognizer_identify_searches_a_large_gallery_sharded(model_and_faces, m
     assert [m[0] for m in want] == [f"person_{i}" for i in range(3)]
 
 
+def large_gallery(model, files) -> Gallery:
+    """Every face of `files` enrolled (keep="all") among random unit rows: one row more than
+    SHARD_ABOVE in all, so that identify searches it split over every device."""
+    enrolled = enroll(model, files, keep="all")
+    filler = np.random.default_rng(8).normal(
+        size=(gallery_lib.SHARD_ABOVE + 1 - len(files), enrolled.dim)).astype(np.float32)
+    return Gallery(np.concatenate([enrolled.names, [f"filler_{i}" for i in range(len(filler))]]),
+                   np.concatenate([enrolled.embeddings,
+                                   filler / np.linalg.norm(filler, axis=1, keepdims=True)]),
+                   enrolled.fingerprint, enrolled.model, "all", workdir=enrolled.workdir)
+
+
+def one_device_matches(model, gallery, files, root, out, monkeypatch) -> list:
+    """The matches of every face of `files` against `gallery` searched on one device, written to
+    `out` as the identify command writes them (k=2, threshold 0.99); `model` runs on one device
+    too."""
+    monkeypatch.setattr(gallery_lib, "SHARD_ABOVE", len(gallery.names))
+    assert gallery.search_devices() == 1
+    matches = gallery.identify(model.embed_files(list(files.paths)), k=2, threshold=0.99)
+    gallery_lib.write_matches(str(out), [os.path.relpath(p, root) for p in files.paths], matches, 2)
+    return matches
+
+
 @pytest.mark.slow  # trains a tiny model
 def test_identify_command_searches_a_gallery_above_shard_above_on_every_device(model_and_faces,
                                                                                tmp_path,
@@ -157,26 +180,87 @@ def test_identify_command_searches_a_gallery_above_shard_above_on_every_device(m
     workdir, root = model_and_faces
     model = jfacerec.load(workdir)
     files = scan_identity_folders(str(root), strict=True)
-    enrolled = enroll(model, files, keep="all")
-    # The 15 faces among random unit rows, one row more than SHARD_ABOVE in all.
-    filler = np.random.default_rng(8).normal(
-        size=(gallery_lib.SHARD_ABOVE + 1 - 15, enrolled.dim)).astype(np.float32)
-    large = Gallery(np.concatenate([enrolled.names, [f"filler_{i}" for i in range(len(filler))]]),
-                    np.concatenate([enrolled.embeddings,
-                                    filler / np.linalg.norm(filler, axis=1, keepdims=True)]),
-                    enrolled.fingerprint, enrolled.model, "all", workdir=enrolled.workdir)
+    large = large_gallery(model, files)
     large.save(str(tmp_path / "large.npz"))
     out = run_module("jfacerec.gallery", "identify", "--gallery", str(tmp_path / "large.npz"),
                      "--images", str(root), "--out", str(tmp_path / "m.csv"), "--top-k", "2",
                      "--threshold", "0.99")
     assert out.returncode == 0, out.stderr
     assert f"searched {gallery_lib.SHARD_ABOVE + 1:,} gallery rows on 8 devices" in out.stdout
-    monkeypatch.setattr(gallery_lib, "SHARD_ABOVE", len(large.names))
-    assert large.search_devices() == 1
-    want = large.identify(model.embed_files(list(files.paths)), k=2, threshold=0.99)
+    want = one_device_matches(model, large, files, root, tmp_path / "want.csv", monkeypatch)
     rows = read_csv(tmp_path / "m.csv")[1:]
     assert [r[0] for r in rows] == [os.path.relpath(p, root) for p in files.paths]
     assert [[r[1], r[3]] for r in rows] == [[m.name, m.candidates[1][0]] for m in want]
     np.testing.assert_allclose([[float(r[2]), float(r[4])] for r in rows],
                                [[c[1] for c in m.candidates] for m in want], atol=2e-6)
     assert [r[1] for r in rows] == np.array(files.names)[files.labels].tolist()  # each finds itself
+
+
+# Both processes (2 CPU devices each) run `python -m jfacerec.gallery identify` together (the
+# command joins jax.distributed itself): its batches of 64 rows put 16 on each device, and the 15
+# faces all on process 0's, none on process 1's. Then the Python API, with batches of 8 rows (2 per
+# device): 15 faces leave process 1 three rows of the second batch, 9 faces none. Each process
+# saves what it got.
+_COMMAND_THEN_API = """
+import json, runpy, sys
+import numpy as np
+workdir, root, large, out = sys.argv[1:]
+sys.argv = ["jfacerec.gallery", "identify", "--gallery", large, "--images", root,
+            "--out", out + "/matches.csv", "--top-k", "2", "--threshold", "0.99"]
+try:
+    runpy.run_module("jfacerec.gallery", run_name="__main__")
+except SystemExit as e:
+    assert not e.code, e.code
+import jax, jfacerec
+from jfacerec.data.folders import scan_identity_folders
+from jfacerec.inference.gallery import enroll
+assert (jax.process_count(), jax.local_device_count(), jax.device_count()) == (2, 2, 4)
+p = jax.process_index()
+model = jfacerec.load(workdir, batch_size=8)
+assert model._restored.mesh.size == 4
+files = scan_identity_folders(root, strict=True)
+paths = list(files.paths)
+np.save(f"{out}/embed_{p}.npy", model.embed(paths))
+np.save(f"{out}/embed9_{p}.npy", model.embed(paths[:9]))
+np.save(f"{out}/enrolled_{p}.npy", enroll(model, files, keep="mean").embeddings)
+matches = model.identify(paths, large, k=2, threshold=0.99)
+with open(f"{out}/identify_{p}.json", "w") as f:
+    json.dump([[m.name, m.score, [list(c) for c in m.candidates]] for m in matches], f)
+"""
+
+
+@pytest.mark.slow  # trains a tiny model, then 2 processes restore it
+def test_two_processes_run_the_identify_command_and_the_api_like_one_device(model_and_faces,
+                                                                            tmp_path,
+                                                                            monkeypatch):
+    workdir, root = model_and_faces
+    files = scan_identity_folders(str(root), strict=True)
+    paths = list(files.paths)
+    # XLA's CPU convolutions round by the batch shape they are compiled for: the answers are
+    # those of one device given the batches each device gets (16 rows, then 2), bit for bit.
+    command_like, api_like = (jfacerec.load(workdir, batch_size=b) for b in (16, 2))
+    assert command_like._restored.mesh.size == api_like._restored.mesh.size == 1
+    large = large_gallery(command_like, files)
+    large.save(str(tmp_path / "large.npz"))
+    address = f"127.0.0.1:{_free_port()}"
+    out = _check([subprocess.Popen(
+        [sys.executable, "-c", _COMMAND_THEN_API, workdir, str(root), str(tmp_path / "large.npz"),
+         str(tmp_path)], cwd=REPO, env=_two_process_env(p, address), stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE) for p in range(2)], "2-process gallery identify")
+    assert f"searched {gallery_lib.SHARD_ABOVE + 1:,} gallery rows on 4 devices" in out
+    one_device_matches(command_like, large, files, root, tmp_path / "want.csv", monkeypatch)
+    # Only process 0 wrote a matches file: the one a single device writes, byte for byte.
+    assert sorted(f for f in os.listdir(tmp_path) if f.endswith(".csv")) == [
+        "matches.csv", "want.csv"]
+    assert (tmp_path / "matches.csv").read_text() == (tmp_path / "want.csv").read_text()
+    assert [r[1] for r in read_csv(tmp_path / "want.csv")[1:]] == \
+        np.array(files.names)[files.labels].tolist()  # each face finds itself
+    embeddings = api_like.embed(paths)
+    enrolled = enroll(api_like, files, keep="mean").embeddings
+    want = as_lists(api_like.identify(paths, large, k=2, threshold=0.99))
+    for p in range(2):
+        np.testing.assert_array_equal(np.load(tmp_path / f"embed_{p}.npy"), embeddings)
+        np.testing.assert_array_equal(np.load(tmp_path / f"embed9_{p}.npy"), embeddings[:9])
+        np.testing.assert_array_equal(np.load(tmp_path / f"enrolled_{p}.npy"), enrolled)
+        with open(tmp_path / f"identify_{p}.json") as f:
+            assert json.load(f) == want
