@@ -5,7 +5,8 @@ the model that made them, their dimension and a format version. A gallery is ref
 with another fingerprint or dimension.
 
 The search runs on one device for a gallery of up to `SHARD_ABOVE` rows, and split by rows over
-every device of every process (`matcher.shard_gallery`) above it, with the same answers.
+every device of every process (`matcher.shard_gallery`) above it, with the same answers: the same
+scores, so one threshold means the same thing either way (a query scoring below it is UNKNOWN).
 """
 
 from __future__ import annotations
