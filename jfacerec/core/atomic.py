@@ -86,6 +86,7 @@ def check_writable(directory: str | os.PathLike) -> None:
     checkpoint.
     """
     directory = os.fspath(directory)
+    storage.check_credentials(directory)
     probe = storage.join(directory, f".jfacerec-probe-{secrets.token_hex(4)}")
     try:
         storage.makedirs(directory)

@@ -136,6 +136,23 @@ def rename(source: str | os.PathLike, target: str | os.PathLike) -> None:
         os.rename(source, target)
 
 
+def check_credentials(path: str | os.PathLike) -> None:
+    """Raises a one-line ValueError naming `path` when it is on GCS and this machine has no Google
+    credentials: gcsfs would otherwise fall back to anonymous access and fail later, slowly.
+    An emulator (STORAGE_EMULATOR_HOST) needs none."""
+    if not os.fspath(path).startswith("gs://") or os.environ.get("STORAGE_EMULATOR_HOST"):
+        return
+    import google.auth
+    import google.auth.exceptions
+    try:
+        google.auth.default()
+    except google.auth.exceptions.DefaultCredentialsError as e:
+        reason = " ".join(str(e).split())[:200]
+        raise ValueError(f"cannot use {os.fspath(path)}: no Google Cloud credentials ({reason}); "
+                         f"run gcloud auth application-default login, or use a VM whose service "
+                         f"account may write to the bucket") from None
+
+
 def walk_names(root: str | os.PathLike) -> Iterator[tuple[str, list[str], list[str]]]:
     """os.walk for local roots and object stores alike: (folder, subfolder names, file names)."""
     if not is_remote(root):
