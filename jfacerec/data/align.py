@@ -17,6 +17,8 @@ from typing import Sequence
 import numpy as np
 from PIL import Image
 
+from jfacerec.core import storage
+from jfacerec.data.files import open_file
 from jfacerec.data.folders import ImageFiles
 from jfacerec.data.images import _open_rgb, as_rgb_array
 from jfacerec.data.records import ImageFileSource
@@ -139,7 +141,7 @@ class LandmarksFile:
     def lookup(self, paths: Sequence[str]) -> tuple[np.ndarray, list[str]]:
         """(landmarks [n, 5, 2], where each came from) for image paths; an image the CSV does
         not list is a ValueError naming it."""
-        keys = [os.path.abspath(p) for p in paths]
+        keys = [storage.absolute(p) for p in paths]
         if missing := [p for p, k in zip(paths, keys) if k not in self.points]:
             raise ValueError(f"{missing[0]}: no landmarks in {self.path} ({len(missing)} of "
                              f"{len(paths)} images have none); add a line path,x1,y1,...,x5,y5 "
@@ -153,12 +155,12 @@ def read_landmarks_csv(path: str, root: str) -> LandmarksFile:
     image paths relative to `root` or absolute. A line that is not 11 fields of a path and
     numbers, repeats an image or holds landmarks that are not a face (see check_landmarks) is a
     ValueError naming the file and line."""
-    if not os.path.isfile(path):
+    if not storage.isfile(path):
         raise FileNotFoundError(f"{path}: no such landmarks file (a CSV path,x1,y1,...,x5,y5); "
                                 f"check dataset.landmarks or --landmarks")
     points: dict[str, np.ndarray] = {}
     lines: dict[str, int] = {}
-    with open(path, newline="") as f:
+    with open_file(path, newline="") as f:
         for number, row in enumerate(csv.reader(f), 1):
             if not row or (number == 1 and row[0].strip().lower() == "path"):
                 continue
@@ -171,7 +173,7 @@ def read_landmarks_csv(path: str, root: str) -> LandmarksFile:
                 values = check_landmarks(values)
             except ValueError as e:
                 raise ValueError(f"{where}: {e}") from None
-            image = os.path.abspath(os.path.join(root, row[0].strip()))
+            image = storage.absolute(storage.join(root, row[0].strip()))
             if image in lines:
                 raise ValueError(f"{where}: {row[0]} already has landmarks on line "
                                  f"{lines[image]}; keep one line per image")

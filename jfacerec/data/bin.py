@@ -12,7 +12,8 @@ opcodes itself, so the file holds data and nothing that runs.
         [--crop 0.5] [--size 112] [--format jpeg] [--quality 95]
 
 packs the pairs of an LFW pairs file (all its folds, in order) as insightface's lfw.bin is packed:
-two images per pair, the central `--crop` of each image resized to `--size`.
+two images per pair, the central `--crop` of each image resized to `--size`. Every path may be on
+an object store (gs://; jfacerec.core.storage).
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from tqdm.auto import tqdm
 
 from jfacerec.core import cli, safe_pickle
 from jfacerec.core.atomic import atomic_open
+from jfacerec.data import files
 from jfacerec.data import images as image_io
 from jfacerec.data.pairs import read_lfw_pairs
 
@@ -158,8 +160,7 @@ def _image(item: Any, path: str, index: int) -> Encoded:
 def read_bin(path: str) -> BinSet:
     """The verification set in `path`. ValueError naming the file (and the image or pair) for a
     pickle that would run code, a truncated file, or lists that do not pair up."""
-    with open(path, "rb") as f:
-        data = f.read()
+    data = files.read_bytes(path)
     try:
         loaded = safe_pickle.load(data, path, allowed=_numpy_callables(), encoding="bytes")
     except safe_pickle.UnsafePickleError as e:

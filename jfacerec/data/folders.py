@@ -4,6 +4,9 @@ Every file is checked by decoding it once (JPEGs at 1/8 scale, which is fast), s
 truncated or non-image file is found before training starts: it is skipped with a warning naming
 it, or, with `strict`, raises `ImageDecodeError`. Empty identity folders and empty trees raise
 ValueError with the folder's name.
+
+A root on an object store (gs://) is listed with one listing of its objects and its files read
+through jfacerec.core.storage: the records are those of a local copy of the tree.
 """
 
 from __future__ import annotations
@@ -17,6 +20,8 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 from tqdm.auto import tqdm
 
+from jfacerec.core import storage
+from jfacerec.data.files import object_names
 from jfacerec.data.images import EXTENSIONS, ImageDecodeError, decode, is_image_name
 
 
@@ -78,9 +83,16 @@ class ImageFiles:
 _CHECKED: dict[tuple[str, int, int], ImageDecodeError | None] = {}
 
 
-def _check(path: str) -> ImageDecodeError | None:
+def _stat_key(path: str) -> tuple[str, int, int]:
+    if storage.is_remote(path):
+        stat = storage.epath_of(path).stat()
+        return path, stat.length, int(stat.mtime * 1e9)
     stat = os.stat(path)
-    key = (path, stat.st_size, stat.st_mtime_ns)
+    return path, stat.st_size, stat.st_mtime_ns
+
+
+def _check(path: str) -> ImageDecodeError | None:
+    key = _stat_key(path)
     if key not in _CHECKED:
         try:
             decode(path, min_side=8)
@@ -108,14 +120,55 @@ def check_files(paths: list[str], *, strict: bool, desc: str) -> list[str]:
     return bad
 
 
-def _image_names(folder: str) -> list[str]:
-    return sorted(n for n in os.listdir(folder) if is_image_name(n)
-                  and os.path.isfile(os.path.join(folder, n)))
+def _remote_tree(root: str) -> dict[str, list[str]]:
+    """The folders of an object-store `root` ('' for root itself, else each subfolder's name)
+    -> the sorted names of the files directly in each; {} when nothing is stored under `root`."""
+    tree: dict[str, list[str]] = {}
+    for name in object_names(root):
+        parts = name.split("/")
+        if len(parts) == 1:
+            tree.setdefault("", []).append(parts[0])
+        else:
+            files = tree.setdefault(parts[0], [])
+            if len(parts) == 2 and parts[1]:
+                files.append(parts[1])
+    if tree:
+        tree.setdefault("", [])
+    return {folder: sorted(names) for folder, names in tree.items()}
 
 
-def _require_folder(root: str, layout: str) -> None:
-    if not os.path.isdir(root):
-        raise FileNotFoundError(f"{root}: no such folder (expected {layout}); check the path or "
+class _Listing:
+    """What a scan needs to know of a tree: its subfolders and their image files (os calls for a
+    local root, as before; one listing for a remote one)."""
+
+    def __init__(self, root: str):
+        self.root = root
+        self.tree = _remote_tree(root) if storage.is_remote(root) else None
+
+    def is_folder(self, name: str = "") -> bool:
+        if self.tree is None:
+            return os.path.isdir(os.path.join(self.root, name) if name else self.root)
+        return name in self.tree
+
+    def subfolders(self) -> tuple[str, ...]:
+        if self.tree is None:
+            return tuple(sorted(n for n in os.listdir(self.root) if not n.startswith(".")
+                                and os.path.isdir(os.path.join(self.root, n))))
+        return tuple(n for n in sorted(self.tree) if n and not n.startswith("."))
+
+    def image_paths(self, name: str = "") -> list[str]:
+        """The image files of subfolder `name` (of the root itself when ''), sorted."""
+        folder = storage.join(self.root, name) if name else self.root
+        if self.tree is None:
+            return [os.path.join(folder, n) for n in sorted(os.listdir(folder))
+                    if is_image_name(n) and os.path.isfile(os.path.join(folder, n))]
+        return [storage.join(folder, n) for n in self.tree[name] if is_image_name(n)]
+
+
+def _require_folder(listing: _Listing, name: str, layout: str) -> None:
+    if not listing.is_folder(name):
+        path = storage.join(listing.root, name) if name else listing.root
+        raise FileNotFoundError(f"{path}: no such folder (expected {layout}); check the path or "
                                 f"set JFACEREC_DATA")
 
 
@@ -128,22 +181,22 @@ def scan_identity_folders(root: str, *, identities: tuple[str, ...] | None = Non
     identities: only these (each must exist). min_images: identities with fewer readable images
     are left out (they are not errors). An identity folder with no image files is an error.
     """
-    _require_folder(root, "ROOT/<identity>/<image>.jpg")
+    root = root.rstrip("/") if storage.is_remote(root) else root
+    listing = _Listing(root)
+    _require_folder(listing, "", "ROOT/<identity>/<image>.jpg")
     if identities is None:
-        identities = tuple(sorted(n for n in os.listdir(root) if not n.startswith(".")
-                                  and os.path.isdir(os.path.join(root, n))))
+        identities = listing.subfolders()
     if not identities:
         raise ValueError(f"{root} holds no identity folders; expected "
                          f"{root}/<identity>/<image>{{{','.join(EXTENSIONS)}}}")
     per_identity = []
     for name in identities:
-        folder = os.path.join(root, name)
-        _require_folder(folder, f"an identity folder of {root}")
-        files = _image_names(folder)
+        _require_folder(listing, name, f"an identity folder of {root}")
+        files = listing.image_paths(name)
         if not files:
-            raise ValueError(f"identity folder {folder} holds no images "
+            raise ValueError(f"identity folder {storage.join(root, name)} holds no images "
                              f"({', '.join(EXTENSIONS)}); add images or remove the folder")
-        per_identity.append([os.path.join(folder, f) for f in files])
+        per_identity.append(files)
     all_paths = [p for files in per_identity for p in files]
     skipped = set(check_files(all_paths, strict=strict, desc=f"checking {root}") if check else ())
     names, paths, labels = [], [], []
@@ -151,7 +204,7 @@ def scan_identity_folders(root: str, *, identities: tuple[str, ...] | None = Non
         readable = [p for p in files if p not in skipped]
         if len(readable) < max(1, min_images):
             if not readable:
-                warnings.warn(f"leaving out {os.path.join(root, name)}: none of its images is "
+                warnings.warn(f"leaving out {storage.join(root, name)}: none of its images is "
                               f"readable", SkippedImageWarning, stacklevel=2)
             continue
         labels += [len(names)] * len(readable)
@@ -166,8 +219,10 @@ def scan_identity_folders(root: str, *, identities: tuple[str, ...] | None = Non
 @functools.lru_cache(maxsize=32)
 def scan_flat_folder(root: str, *, check: bool = True, strict: bool = False) -> ImageFiles:
     """`root/<image>` (unlabelled queries, e.g. HW2P2's test folders) -> ImageFiles, labels -1."""
-    _require_folder(root, "a folder of images")
-    paths = [os.path.join(root, n) for n in _image_names(root)]
+    root = root.rstrip("/") if storage.is_remote(root) else root
+    listing = _Listing(root)
+    _require_folder(listing, "", "a folder of images")
+    paths = listing.image_paths()
     if not paths:
         raise ValueError(f"{root} holds no images ({', '.join(EXTENSIONS)})")
     skipped = set(check_files(paths, strict=strict, desc=f"checking {root}") if check else ())

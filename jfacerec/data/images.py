@@ -3,6 +3,8 @@
 Every supported file (JPEG, PNG, PGM, PPM, BMP) becomes uint8 [height, width, 3]: grey, 16-bit,
 RGBA, LA, CMYK and palette images are converted to RGB (transparency composited over white) and the
 EXIF orientation is applied. A file Pillow cannot decode raises `ImageDecodeError` naming it.
+A path on an object store (gs://) is read whole through jfacerec.core.storage and decoded from
+memory.
 """
 
 from __future__ import annotations
@@ -13,6 +15,9 @@ import warnings
 
 import numpy as np
 from PIL import Image, ImageOps
+
+from jfacerec.core import storage
+from jfacerec.data import files
 
 EXTENSIONS = (".jpg", ".jpeg", ".png", ".pgm", ".ppm", ".bmp")
 
@@ -50,6 +55,8 @@ def _open_rgb(data: bytes | str | os.PathLike, *, name: str | None = None,
               min_side: int | None = None) -> Image.Image:
     """`decode`, as a Pillow RGB image."""
     name = name or (os.fspath(data) if not isinstance(data, bytes) else "<bytes>")
+    if not isinstance(data, bytes) and storage.is_remote(data):
+        data = files.read_bytes(os.fspath(data))
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)

@@ -15,28 +15,35 @@ The other pack this module reads is mxnet's RecordIO, in which insightface ships
 (`ROOT/train.rec`, `train.idx`, `property`): `open_recordio` gives random access to its images
 (`dataset.name="recordio"` trains on it directly) and `--from-recordio` converts one, image bytes
 unchanged, into the ArrayRecord form.
+
+SRC, ROOT and DST may be on an object store (gs://; jfacerec.core.storage): a pack is written in a
+local temporary folder, then uploaded, index.json last. A RecordIO pack on a store is read with
+ranged requests (its headers while opening, in 16 MiB windows; then one request per image).
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import io
 import json
 import os
 import shutil
 import struct
+import tempfile
 import threading
 import time
 import warnings
 from concurrent.futures import ThreadPoolExecutor
-from typing import Iterator
+from typing import Callable, Iterator
 
 import numpy as np
 from absl import app, flags
 from PIL import Image
 from tqdm.auto import tqdm
 
-from jfacerec.core import cli
+from jfacerec.core import cli, storage
+from jfacerec.data import files
 from jfacerec.data.folders import SkippedImageWarning, scan_identity_folders
 from jfacerec.data.images import ImageDecodeError, decode, load_face
 
@@ -56,27 +63,25 @@ def decode_record(record: bytes) -> tuple[int, bytes]:
 
 def read_index(directory: str) -> dict:
     """The validated index of a packed dataset."""
-    path = os.path.join(directory, INDEX)
-    if not os.path.isfile(path):
+    path = storage.join(directory, INDEX)
+    if not storage.isfile(path):
         raise FileNotFoundError(f"{path}: no packed dataset here; make one with "
                                 f"python -m jfacerec.data.pack SRC {directory}")
-    with open(path) as f:
-        index = json.load(f)
+    index = json.loads(files.read_text(path))
     if index.get("format_version") != FORMAT_VERSION:
         raise ValueError(f"{path} has format version {index.get('format_version')}; this "
                          f"jfacerec reads version {FORMAT_VERSION}: pack the images again")
     if len(index["names"]) != len(index["counts"]) or sum(index["counts"]) != index["num_records"]:
         raise ValueError(f"{path} is inconsistent (names, counts and num_records disagree)")
     for shard in index["shards"]:
-        if not os.path.isfile(os.path.join(directory, shard)):
+        if not storage.isfile(storage.join(directory, shard)):
             raise FileNotFoundError(f"{directory}: shard {shard} named in {INDEX} is missing")
     return index
 
 
 def _encoded(path: str, size: int | None, crop: float, quality: int) -> bytes:
     if size is None:
-        with open(path, "rb") as f:
-            return f.read()
+        return files.read_bytes(path)
     face = load_face(path, crop_fraction=crop, size=size)
     buffer = io.BytesIO()
     Image.fromarray(face).save(buffer, format="JPEG", quality=quality)
@@ -88,10 +93,28 @@ def _shard_count(shards: int, total_bytes: int) -> int:
     return shards if shards > 0 else max(1, int(np.ceil(total_bytes / (1 << 30))))
 
 
+def _upload(staging: str, dst: str) -> None:
+    """The files of local folder `staging` as the objects of `dst`, replacing those there;
+    index.json last, so that a reader never finds an index whose shards are not all there."""
+    if storage.exists(dst):
+        storage.rmtree(dst)
+    names = sorted(os.listdir(staging), key=lambda name: name == INDEX)
+    for name in tqdm(names, desc=f"uploading to {dst}", unit="file", leave=False):
+        with open(os.path.join(staging, name), "rb") as source, \
+                storage.epath_of(storage.join(dst, name)).open("wb") as target:
+            shutil.copyfileobj(source, target, 1 << 24)
+
+
 @contextlib.contextmanager
 def _staged(dst: str) -> Iterator[str]:
-    """A new folder beside `dst` to write the pack into; it replaces `dst` only once the body
-    completes, and is removed if the body fails (`dst` untouched)."""
+    """A new folder beside `dst` (a local temporary one for a `dst` on an object store) to write
+    the pack into; it replaces `dst` only once the body completes, and is removed if the body
+    fails (`dst` untouched)."""
+    if storage.is_remote(dst):
+        with tempfile.TemporaryDirectory(prefix="jfacerec-pack-") as staging:
+            yield staging
+            _upload(staging, dst)
+        return
     staging = dst.rstrip("/") + f".partial-{os.getpid()}"
     os.makedirs(staging, exist_ok=False)
     try:
@@ -135,21 +158,22 @@ def pack(src: str, dst: str, *, shards: int = 0, size: int | None = None, crop: 
          quality: int = 95, strict: bool = False) -> dict:
     """Writes the packed dataset to `dst` (replacing one there only once the new one is
     complete) and returns its index. shards: 0 picks about 1 GiB per shard."""
-    files = scan_identity_folders(os.path.abspath(src), strict=strict)
-    shards = _shard_count(shards, sum(os.path.getsize(p) for p in files.paths))
-    items = ((int(files.labels[i]), _encoded(files.paths[i], size, crop, quality))
-             for i in range(len(files)))
+    scanned = scan_identity_folders(storage.absolute(src), strict=strict)
+    if shards <= 0:  # sizes only when needed: a request per file on an object store
+        shards = _shard_count(shards, sum(storage.getsize(p) for p in scanned.paths))
+    items = ((int(scanned.labels[i]), _encoded(scanned.paths[i], size, crop, quality))
+             for i in range(len(scanned)))
     with _staged(dst) as staging:
         index = {
             "format_version": FORMAT_VERSION,
-            "source": os.path.abspath(src),
-            "names": list(files.names),
-            "counts": np.bincount(files.labels, minlength=len(files.names)).tolist(),
-            "num_records": len(files),
-            "shards": _write_shards(staging, items, len(files), shards, f"packing {src}"),
+            "source": storage.absolute(src),
+            "names": list(scanned.names),
+            "counts": np.bincount(scanned.labels, minlength=len(scanned.names)).tolist(),
+            "num_records": len(scanned),
+            "shards": _write_shards(staging, items, len(scanned), shards, f"packing {src}"),
             "image_size": size,
             "crop_fraction": crop if size else None,
-            "skipped": list(files.skipped),
+            "skipped": list(scanned.skipped),
         }
         _write_index(staging, index)
     return index
@@ -169,6 +193,13 @@ _LENGTH_MASK = (1 << 29) - 1
 # is then the first of them), then the encoded image.
 _IMAGE_HEAD = struct.Struct("<IfQQ")
 _SCAN_CHUNK = 1 << 16
+# Record headers of a pack on an object store are read in windows of this many bytes: one
+# request per window, not per record (insightface's MS1M pack holds 5.8 million).
+_REMOTE_WINDOW = 1 << 24
+
+# (length, position) -> the bytes there, fewer at the end of the file: os.pread on an open file,
+# or a ranged request for an object.
+ReadAt = Callable[[int, int], bytes]
 
 
 def _padded(length: int) -> int:
@@ -177,8 +208,7 @@ def _padded(length: int) -> int:
 
 def read_recordio_property(path: str) -> tuple[int, int, int]:
     """`property`, the text `num_classes,height,width` -> those three integers."""
-    with open(path) as f:
-        text = f.read().strip()
+    text = files.read_text(path).strip()
     try:
         num_classes, height, width = (int(v) for v in text.split(","))
     except ValueError:
@@ -191,7 +221,7 @@ def read_recordio_property(path: str) -> tuple[int, int, int]:
 
 def _index_line_error(path: str) -> ValueError:
     """The first line of a `train.idx` that is not `key<TAB>byte offset`, as an error."""
-    with open(path) as f:
+    with files.open_file(path) as f:
         for number, line in enumerate(f, 1):
             fields = line.split()
             if fields and (len(fields) != 2 or not all(v.isdigit() for v in fields)):
@@ -202,8 +232,7 @@ def _index_line_error(path: str) -> ValueError:
 
 def read_recordio_index(path: str) -> tuple[np.ndarray, np.ndarray]:
     """`train.idx`, lines `key<TAB>byte offset` -> (keys, offsets), int64 [n] each, file order."""
-    with open(path) as f:
-        words = f.read().split()
+    words = files.read_text(path).split()
     if not words:
         raise ValueError(f"{path} lists no records; expected lines 'key<TAB>byte offset'")
     try:
@@ -220,13 +249,22 @@ def read_recordio_index(path: str) -> tuple[np.ndarray, np.ndarray]:
     return keys, offsets
 
 
-def read_record(fd: int, offset: int, path: str, length_hint: int = 0) -> bytes:
-    """The payload of the record starting at byte `offset` of the open file `fd` (named `path`
-    in errors), its parts joined. length_hint: the first part's length where known (one read)."""
+def _reader(path: str) -> tuple[ReadAt, Callable[[], None]]:
+    """(read_at, close) for the file `path`: os.pread on a descriptor for a local file, ranged
+    requests for an object."""
+    if storage.is_remote(path):
+        return functools.partial(files.read_range, path, storage.getsize(path)), lambda: None
+    fd = os.open(path, os.O_RDONLY)
+    return functools.partial(os.pread, fd), functools.partial(os.close, fd)
+
+
+def read_record(read_at: ReadAt, offset: int, path: str, length_hint: int = 0) -> bytes:
+    """The payload of the record starting at byte `offset` of the file `path`, read with
+    `read_at`, its parts joined. length_hint: the first part's length where known (one read)."""
     parts: list[bytes] = []
     position = offset
     while True:
-        chunk = os.pread(fd, _RECORD_HEAD.size + (0 if parts else length_hint), position)
+        chunk = read_at(_RECORD_HEAD.size + (0 if parts else length_hint), position)
         if len(chunk) < _RECORD_HEAD.size:
             raise ValueError(f"{path}: the record at byte offset {offset} is truncated (the file "
                              f"ends at byte {position + len(chunk)}); copy the file again")
@@ -242,7 +280,7 @@ def read_record(fd: int, offset: int, path: str, length_hint: int = 0) -> bytes:
                              f"corrupt or train.idx belongs to another pack")
         data = chunk[_RECORD_HEAD.size:_RECORD_HEAD.size + length]
         if len(data) < length:
-            data += os.pread(fd, length - len(data), position + _RECORD_HEAD.size + len(data))
+            data += read_at(length - len(data), position + _RECORD_HEAD.size + len(data))
         if len(data) < length:
             raise ValueError(f"{path}: the record at byte offset {offset} is truncated (a part "
                              f"of {length} bytes at byte offset {position}, the file ends "
@@ -274,8 +312,9 @@ class RecordIOPack:
 
     offsets: int64 [n] byte offset of each image's record in `rec`; lengths: int64 [n] the
     length of its first part; labels: int32 [n], in [0, num_classes). Reads go through the index
-    (one positioned read per record), from any thread (os.pread shares no file position) and any
-    process (the file is opened lazily in each; a pickled pack carries its arrays, not the file).
+    (one positioned read per record: os.pread, or a ranged request for a pack on an object store),
+    from any thread (neither shares a file position) and any process (the file is opened lazily
+    in each; a pickled pack carries its arrays, not the file).
     """
 
     def __init__(self, rec: str, offsets: np.ndarray, lengths: np.ndarray, labels: np.ndarray,
@@ -284,7 +323,8 @@ class RecordIOPack:
         self.offsets = np.asarray(offsets, np.int64)
         self.lengths = np.asarray(lengths, np.int64)
         self.labels = np.asarray(labels, np.int32)
-        self._fd: int | None = None
+        self._read_at: ReadAt | None = None
+        self._close: Callable[[], None] | None = None
         self._pid: int | None = None
         self._lock = threading.Lock()
 
@@ -300,12 +340,13 @@ class RecordIOPack:
     def where(self, index: int) -> str:
         return f"{self.rec} record at byte offset {self.offsets[index]}"
 
-    def _file(self) -> int:
+    def _file(self) -> ReadAt:
         if self._pid != os.getpid():  # first use in this process (or a forked child)
             with self._lock:
                 if self._pid != os.getpid():
-                    self._fd, self._pid = os.open(self.rec, os.O_RDONLY), os.getpid()
-        return self._fd
+                    self._read_at, self._close = _reader(self.rec)
+                    self._pid = os.getpid()
+        return self._read_at
 
     def payload(self, index: int) -> bytes:
         return read_record(self._file(), int(self.offsets[index]), self.rec,
@@ -317,7 +358,7 @@ class RecordIOPack:
 
     def __getstate__(self):
         state = self.__dict__.copy()
-        state["_fd"], state["_pid"], state["_lock"] = None, None, None
+        state["_read_at"], state["_close"], state["_pid"], state["_lock"] = None, None, None, None
         return state
 
     def __setstate__(self, state):
@@ -325,8 +366,8 @@ class RecordIOPack:
         self._lock = threading.Lock()
 
     def __del__(self):
-        if getattr(self, "_fd", None) is not None and self._pid == os.getpid():
-            os.close(self._fd)
+        if getattr(self, "_close", None) is not None and self._pid == os.getpid():
+            self._close()
 
     def __repr__(self) -> str:
         return f"RecordIOPack({len(self)} images of {self.num_classes} classes in {self.rec})"
@@ -339,11 +380,11 @@ def _image_positions(rec: str, keys: np.ndarray, offsets: np.ndarray) -> np.ndar
     at_zero = np.flatnonzero(keys == 0)
     if not len(at_zero):
         return np.arange(len(keys))
-    fd = os.open(rec, os.O_RDONLY)
+    read_at, close = _reader(rec)
     try:
-        payload = read_record(fd, int(offsets[at_zero[0]]), rec)
+        payload = read_record(read_at, int(offsets[at_zero[0]]), rec)
     finally:
-        os.close(fd)
+        close()
     if len(payload) < _IMAGE_HEAD.size or _IMAGE_HEAD.unpack_from(payload)[0] == 0:
         return np.arange(len(keys))
     end = int(unpack_image(payload, f"{rec} record 0 (the header)")[0][0])
@@ -360,13 +401,43 @@ def _image_positions(rec: str, keys: np.ndarray, offsets: np.ndarray) -> np.ndar
     return order[found]
 
 
+def _windowed_heads(read_at: ReadAt, size: int, at: np.ndarray, width: int) -> np.ndarray:
+    """uint8 [m, width]: the `width` bytes from each offset `at` [m] (the file's last byte
+    repeated past its end), read in windows of _REMOTE_WINDOW bytes, one request each."""
+    order = np.argsort(at, kind="stable")
+    ordered = at[order]
+    heads = np.empty((len(at), width), np.uint8)
+    i = 0
+    while i < len(ordered):
+        start = int(ordered[i])
+        j = max(i + 1, int(np.searchsorted(ordered, start + _REMOTE_WINDOW - width, "right")))
+        end = min(size, int(ordered[j - 1]) + width)
+        block = np.frombuffer(read_at(end - start, start), np.uint8)
+        heads[order[i:j]] = block[np.minimum(ordered[i:j, None] - start + np.arange(width),
+                                             len(block) - 1)]
+        i = j
+    return heads
+
+
+def _header_reader(rec: str, size: int, read_at: ReadAt
+                   ) -> Callable[[np.ndarray], np.ndarray]:
+    """offsets int64 [m] -> uint8 [m, 36], the bytes of each record's headers (the file's last
+    byte repeated past its end): memory-mapped for a local file, in windows for an object."""
+    width = _RECORD_HEAD.size + _IMAGE_HEAD.size + 4
+    if storage.is_remote(rec):
+        return lambda at: _windowed_heads(read_at, size, at, width)
+    mapped = np.memmap(rec, np.uint8, mode="r")
+    span = np.arange(width)
+    return lambda at: mapped[np.minimum(at[:, None] + span, size - 1)]
+
+
 def _scan_labels(rec: str, offsets: np.ndarray, num_classes: int,
                  property_path: str) -> tuple[np.ndarray, np.ndarray]:
     """(first-part lengths int64 [n], labels int32 [n]) of the records at `offsets`, read from
-    their headers (memory-mapped, a chunk of records at a time), every header checked."""
-    size = os.path.getsize(rec)
-    mapped = np.memmap(rec, np.uint8, mode="r")
-    span = np.arange(_RECORD_HEAD.size + _IMAGE_HEAD.size + 4)
+    their headers (a chunk of records at a time), every header checked."""
+    size = storage.getsize(rec)
+    read_at, close = _reader(rec)
+    heads = _header_reader(rec, size, read_at)
     lengths = np.empty(len(offsets), np.int64)
     labels = np.empty(len(offsets), np.float32)
 
@@ -375,13 +446,12 @@ def _scan_labels(rec: str, offsets: np.ndarray, num_classes: int,
             i = int(np.flatnonzero(bad)[0])
             raise ValueError(f"{rec}: the record at byte offset {at[i]} {problem(i)}")
 
-    fd = os.open(rec, os.O_RDONLY)
     bar = tqdm(total=len(offsets), desc=f"checking {rec}", unit="record", leave=False,
                disable=len(offsets) <= _SCAN_CHUNK)
     try:
         for start in range(0, len(offsets), _SCAN_CHUNK):
             at = offsets[start:start + _SCAN_CHUNK]
-            head = mapped[np.minimum(at[:, None] + span, size - 1)]  # [m, 36] bytes
+            head = heads(at)  # [m, 36] bytes
             magic, word = head[:, :8].copy().view("<u4").T
             flag, length = word >> 29, (word & _LENGTH_MASK).astype(np.int64)
             check(magic != RECORDIO_MAGIC, at,
@@ -404,7 +474,7 @@ def _scan_labels(rec: str, offsets: np.ndarray, num_classes: int,
                              body[:, 4:8].copy().view("<f4")[:, 0])
             # A split record whose first part ends before its first label: read it whole.
             for i in np.flatnonzero((count > 0) & (length < _IMAGE_HEAD.size + 4)):
-                payload = read_record(fd, int(at[i]), rec)
+                payload = read_record(read_at, int(at[i]), rec)
                 label[i] = unpack_image(payload, f"{rec} record at byte offset {at[i]}")[0][0]
             check((label != np.round(label)) | (label < 0) | (label >= num_classes), at,
                   lambda i: f"has label {label[i]:g}, not an identity in [0, {num_classes}) "
@@ -414,8 +484,7 @@ def _scan_labels(rec: str, offsets: np.ndarray, num_classes: int,
             bar.update(len(at))
     finally:
         bar.close()
-        os.close(fd)
-        del mapped
+        close()
     return lengths, labels.astype(np.int32)
 
 
@@ -424,17 +493,17 @@ def open_recordio(root: str) -> RecordIOPack:
     every record header checked: a bad magic, a truncated record, an index pointing past the end
     of train.rec or a label outside [0, num_classes) is a ValueError naming the file and byte
     offset."""
-    if not os.path.isdir(root):
+    if not storage.isdir(root):
         raise FileNotFoundError(f"{root}: no such folder (expected a RecordIO pack: "
                                 f"{', '.join(RECORDIO_FILES)}); check the path")
-    rec, idx, prop = (os.path.join(root, name) for name in RECORDIO_FILES)
+    rec, idx, prop = (storage.join(root, name) for name in RECORDIO_FILES)
     for path in (rec, idx, prop):
-        if not os.path.isfile(path):
+        if not storage.isfile(path):
             raise FileNotFoundError(f"{path}: no such file; a RecordIO pack holds "
                                     f"{', '.join(RECORDIO_FILES)}")
     num_classes, height, width = read_recordio_property(prop)
     keys, offsets = read_recordio_index(idx)
-    size = os.path.getsize(rec)
+    size = storage.getsize(rec)
     beyond = np.flatnonzero(offsets + _RECORD_HEAD.size > size)
     if len(beyond):
         i = beyond[0]
@@ -490,14 +559,14 @@ def pack_recordio(src: str, dst: str, *, shards: int = 0, strict: bool = False) 
                     counts[-1] += 1
                     yield len(names) - 1, image
 
-    shards = _shard_count(shards, os.path.getsize(records.rec))
+    shards = _shard_count(shards, storage.getsize(records.rec))
     height, width = records.image_shape
     with _staged(dst) as staging:
         shard_names = _write_shards(staging, items(), len(records), shards,
                                     f"converting {src}")
         index = {
             "format_version": FORMAT_VERSION,
-            "source": os.path.abspath(src),
+            "source": storage.absolute(src),
             "names": names,
             "counts": counts,
             "num_records": sum(counts),

@@ -1,9 +1,14 @@
-"""LFW pairs files (`pairsDevTest.txt`, `pairs.txt`): which image pairs a protocol verifies."""
+"""LFW pairs files (`pairsDevTest.txt`, `pairs.txt`): which image pairs a protocol verifies.
+
+Pairs files and image roots may be local or on an object store (gs://, jfacerec.core.storage).
+"""
 
 from __future__ import annotations
 
 import dataclasses
-import os
+
+from jfacerec.core import storage
+from jfacerec.data.files import open_file
 
 
 @dataclasses.dataclass(frozen=True)
@@ -16,7 +21,7 @@ class LfwPair:
 
     def paths(self, root: str) -> tuple[str, str]:
         """The two image files under LFW's `root/<name>/<name>_<number:04d>.jpg`."""
-        return tuple(os.path.join(root, n, f"{n}_{i:04d}.jpg")  # type: ignore[return-value]
+        return tuple(storage.join(root, n, f"{n}_{i:04d}.jpg")  # type: ignore[return-value]
                      for n, i in zip(self.names, self.numbers))
 
 
@@ -26,7 +31,7 @@ def read_lfw_pairs(path: str) -> list[list[LfwPair]]:
     The header says the format: `N` (View 1: one set of N matched then N mismatched pairs) or
     `FOLDS<tab>N` (View 2: FOLDS identity-disjoint folds of 2N pairs each).
     """
-    with open(path) as f:
+    with open_file(path) as f:
         lines = [line.split() for line in f if line.strip()]
     if not lines or not all(x.isdigit() for x in lines[0]) or len(lines[0]) not in (1, 2):
         raise ValueError(f"{path}: the first line must be 'N' (View 1) or 'FOLDS<tab>N' (View 2)")

@@ -8,12 +8,12 @@ A `FaceDataset` bundles the splits every evaluation needs; `sources.py` builds t
 from __future__ import annotations
 
 import dataclasses
-import os
 import threading
 from typing import Protocol
 
 import numpy as np
 
+from jfacerec.core import storage
 from jfacerec.data import pack
 from jfacerec.data.folders import ImageFiles
 from jfacerec.data.images import load_face
@@ -158,6 +158,9 @@ class ImageFileSource(DecodedSource):
 class ArrayRecordSource(DecodedSource):
     """A dataset packed by `python -m jfacerec.data.pack`, read with grain's ArrayRecord source.
 
+    `directory` may be gs://: array_record's reader has its own GCS client (Google Cloud C++,
+    application default credentials; CLOUD_STORAGE_EMULATOR_ENDPOINT points it at an emulator).
+
     indices: the packed records this source serves (all by default), in order; labels are
     renumbered 0.. over the identities present when `relabel`.
     """
@@ -179,7 +182,7 @@ class ArrayRecordSource(DecodedSource):
             self.names = [self.names[i] for i in present]
         super().__init__(labels, **kwargs)
         self.records = grain.sources.ArrayRecordDataSource(
-            [os.path.join(directory, s) for s in self.index["shards"]])
+            [storage.join(directory, s) for s in self.index["shards"]])
 
     def _encoded(self, index: int) -> tuple[bytes, str]:
         record_index = int(self.indices[index])

@@ -6,7 +6,8 @@ Registered datasets (`config.dataset.name`): synthetic (procedural identities), 
 identity-folder tree, aligned by a landmarks CSV when one is given), arrayrecord (shards written
 by `python -m jfacerec.data.pack`), hw2p2 (the course layout), lfw (the folder, less the
 identities of a pairs file), orl (AT&T faces), and tfds
-(any TensorFlow Datasets data source with an image and a label feature). Each is registered with
+(any TensorFlow Datasets data source with an image and a label feature). Every root and file may
+be local or on an object store (gs://, through jfacerec.core.storage). Each is registered with
 the `dataset.*` keys it reads and the ones it requires; every key's default is in the base config
 (jfacerec/core/config_base.py), so `--config.dataset.name=folder --config.dataset.root=DIR` works
 on any config.
@@ -22,7 +23,9 @@ from typing import Callable
 import ml_collections
 import numpy as np
 
+from jfacerec.core import storage
 from jfacerec.data.align import AlignedFileSource, read_landmarks_csv
+from jfacerec.data.files import open_file
 from jfacerec.data.folders import ImageFiles, scan_identity_folders, split_per_identity
 from jfacerec.data.records import (UNSEEN_IDENTITY_OFFSET, ArrayRecordSource, FaceDataset,
                                    ImageFileSource, SyntheticSource)
@@ -58,7 +61,7 @@ def _decoding(d: ml_collections.ConfigDict, image_size: int) -> dict:
 
 
 def _scan(d: ml_collections.ConfigDict, root: str, **kwargs) -> ImageFiles:
-    return scan_identity_folders(os.path.abspath(root), check=d.check, strict=d.strict, **kwargs)
+    return scan_identity_folders(storage.absolute(root), check=d.check, strict=d.strict, **kwargs)
 
 
 def _held_out_split(d: ml_collections.ConfigDict, files: ImageFiles, image_size: int):
@@ -114,9 +117,9 @@ def arrayrecord_dataset(d: ml_collections.ConfigDict, image_size: int) -> FaceDa
 
 def read_id_label_csv(path: str) -> dict[str, str]:
     """An `id,label` CSV (HW2P2's dev_identities.csv, our submissions) -> {id: label}."""
-    if not os.path.isfile(path):
+    if not storage.isfile(path):
         raise FileNotFoundError(f"{path}: no such file (an id,label CSV)")
-    with open(path, newline="") as f:
+    with open_file(path, newline="") as f:
         rows = list(csv.reader(f))
     if not rows or [c.strip().lower() for c in rows[0][:2]] != ["id", "label"]:
         raise ValueError(f"{path}: expected a header line 'id,label'")
@@ -135,7 +138,7 @@ class Hw2p2Layout:
     root: str
 
     def path(self, *parts: str) -> str:
-        return os.path.join(self.root, *parts)
+        return storage.join(self.root, *parts)
 
     @property
     def train(self) -> str:
@@ -165,7 +168,7 @@ def hw2p2_files(d: ml_collections.ConfigDict) -> tuple[ImageFiles, ImageFiles | 
     """(train, dev) scans of the classification folders, dev labelled with train's indices."""
     layout = Hw2p2Layout(d.root)
     train = _scan(d, layout.train)
-    if not os.path.isdir(layout.dev):
+    if not storage.isdir(layout.dev):
         return train, None
     dev = _scan(d, layout.dev)
     position = {name: i for i, name in enumerate(train.names)}
@@ -183,7 +186,7 @@ def hw2p2_dataset(d: ml_collections.ConfigDict, image_size: int) -> FaceDataset:
     train, dev = hw2p2_files(d)
     layout = Hw2p2Layout(d.root)
     unseen = None
-    if os.path.isdir(layout.known):
+    if storage.isdir(layout.known):
         unseen = ImageFileSource(_scan(d, layout.known), **_decoding(d, image_size))
     make = lambda files: ImageFileSource(files, **_decoding(d, image_size))  # noqa: E731
     return FaceDataset(f"hw2p2:{d.root}", len(train.names), make(train),
