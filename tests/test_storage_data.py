@@ -89,7 +89,7 @@ def test_grain_workers_read_a_gs_folder_as_the_main_process_reads_the_local_one(
 
 def test_lfw_pairs_landmarks_and_a_bin_on_gs_read_as_their_local_copies(gcs, tmp_path):
     root = tmp_path / "lfw"
-    people = ("Ann", "Bob")
+    people = ("Ann", "Bob", "Cid")
     for i, person in enumerate(people):
         os.makedirs(root / person)
         for j, face in enumerate(render_faces(np.full(2, i), np.arange(2), image_size=32), 1):
@@ -110,13 +110,20 @@ def test_lfw_pairs_landmarks_and_a_bin_on_gs_read_as_their_local_copies(gcs, tmp
     np.testing.assert_array_equal(there.issame, here.issame)
     np.testing.assert_array_equal(there.decoded(), here.decoded())
 
+    lfw = {name: sources.get_dataset(tiny_config(**{
+        "dataset.name": "lfw", "dataset.root": storage.join(base, "lfw"), "dataset.min_images": 2,
+        "dataset.pairs": storage.join(base, "pairs.txt"), "dataset.test_images": 1}))
+        for name, base in (("local", str(tmp_path)), ("remote", remote))}
+    assert lfw["remote"].names == lfw["local"].names == ("Cid",)
+    np.testing.assert_array_equal(faces(lfw["remote"].unseen), faces(lfw["local"].unseen))
+
     aligned = {}
     for name, base in (("local", str(tmp_path)), ("remote", remote)):
         files = scan_identity_folders(storage.join(base, "lfw"))
         table = align.read_landmarks_csv(storage.join(base, "landmarks.csv"),
                                          storage.join(base, "lfw"))
         points, origins = table.lookup(files.paths)
-        assert origins[-1].endswith("landmarks.csv line 5")
+        assert origins[-1].endswith("landmarks.csv line 7")
         aligned[name] = faces(align.AlignedFileSource(files, points, size=16))
     np.testing.assert_array_equal(aligned["remote"], aligned["local"])
 

@@ -263,6 +263,7 @@ class Source:
     required: tuple[str, ...] = ()
 
 
+_PATHS = ("root", "unseen_root", "pairs", "landmarks")  # the keys naming files or folders
 _DECODED = ("crop_fraction", "cache")  # every source of image files
 _SCANNED = _DECODED + ("check", "strict")  # the image-folder trees
 
@@ -308,6 +309,9 @@ def get_dataset(config: ml_collections.ConfigDict) -> FaceDataset:
     for key in source.required:
         if not d[key]:
             raise ValueError(f"dataset.{key} is required for dataset.name={name}")
+    for key in _PATHS:
+        if key in source.keys and d[key]:
+            storage.check_credentials(d[key])  # at once, not after gcsfs's minutes of retries
     # Only the source's own keys: a builder reading an undeclared key fails in the tests.
     return source.build(ml_collections.ConfigDict({k: d[k] for k in source.keys}),
                         config.image_size)
