@@ -26,7 +26,9 @@ def environment(url: str) -> dict[str, str]:
     return {"STORAGE_EMULATOR_HOST": url, "TENSORSTORE_GCS_HTTP_URL": url,
             "GOOGLE_AUTH_TOKEN_FOR_TESTING": "emulator",
             # gcsfs would ask the storage-control API (absent here) for the bucket type.
-            "GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT": "false"}
+            "GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT": "false",
+            # array_record's own Google Cloud C++ client ignores STORAGE_EMULATOR_HOST.
+            "CLOUD_STORAGE_EMULATOR_ENDPOINT": url}
 
 
 @contextlib.contextmanager
@@ -43,3 +45,19 @@ def running(bucket: str = BUCKET) -> Iterator[str]:
         yield f"http://localhost:{port}"
     finally:
         server.stop()
+
+
+@contextlib.contextmanager
+def serving(bucket: str = BUCKET) -> Iterator[dict[str, str]]:
+    """The emulator running, with this process's environment pointed at it (restored after);
+    yields that environment, for subprocesses."""
+    import gcsfs
+    import pytest
+
+    with running(bucket) as url, pytest.MonkeyPatch.context() as mp:
+        env = environment(url)
+        for key, value in env.items():
+            mp.setenv(key, value)
+        gcsfs.GCSFileSystem.clear_instance_cache()  # none made before the variables were set
+        yield env
+        gcsfs.GCSFileSystem.clear_instance_cache()

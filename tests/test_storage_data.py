@@ -26,17 +26,8 @@ BUCKET = f"gs://{gcs_emulator.BUCKET}"
 @pytest.fixture(scope="module")
 def gcs():
     """The emulator, with this process's environment (and its worker processes') pointed at it."""
-    pytest.importorskip("gcp_storage_emulator")
-    import gcsfs
-
-    with gcs_emulator.running() as url, pytest.MonkeyPatch.context() as mp:
-        for key, value in gcs_emulator.environment(url).items():
-            mp.setenv(key, value)
-        # array_record's own GCS client (Google Cloud C++) finds an emulator by this name.
-        mp.setenv("CLOUD_STORAGE_EMULATOR_ENDPOINT", url)
-        gcsfs.GCSFileSystem.clear_instance_cache()  # none made before the variables were set
-        yield url
-        gcsfs.GCSFileSystem.clear_instance_cache()
+    with gcs_emulator.serving() as env:
+        yield env
 
 
 def upload(local, uri: str) -> str:

@@ -12,6 +12,7 @@ how `core.atomic` writes there (and appends, by rewriting the object).
 
 from __future__ import annotations
 
+import errno
 import io
 import os
 import posixpath
@@ -75,13 +76,32 @@ def listdir(path: str | os.PathLike) -> list[str]:
 
 
 def files_under(root: str | os.PathLike) -> list[str]:
-    """Every file below `root`, as sorted '/'-separated paths relative to it."""
+    """Every file below `root`, as sorted '/'-separated paths relative to it. An object store
+    is listed in one paginated request, not one per folder (minutes for LFW's 5,749)."""
     root = os.fspath(root).rstrip("/")
     if is_remote(root):
-        return sorted(posixpath.relpath(posixpath.join(d, name), root)
-                      for d, _, names in walk_names(root) for name in names)
+        fs, prefix = _fsspec(root)
+        return sorted(key[len(prefix):].strip("/") for key in fs.find(prefix)
+                      if key[len(prefix):].strip("/"))
     return sorted(os.path.relpath(os.path.join(d, name), root).replace(os.sep, "/")
                   for d, _, names in os.walk(root) for name in names)
+
+
+def _fsspec(path: str):
+    """(fsspec filesystem, path within it) of an object-store URI: the calls epath lacks."""
+    import fsspec
+
+    return fsspec.core.url_to_fs(path)
+
+
+def read_range(path: str, size: int, length: int, position: int) -> bytes:
+    """`os.pread` for an object of `size` bytes: `length` bytes from byte `position`, fewer at
+    its end. One ranged request, stateless, so any thread may call it at any time."""
+    end = min(size, position + length)
+    if end <= position:
+        return b""
+    fs, name = _fsspec(path)
+    return fs.cat_file(name, start=position, end=end)
 
 
 def getsize(path: str | os.PathLike) -> int:
@@ -90,10 +110,15 @@ def getsize(path: str | os.PathLike) -> int:
 
 def open(path: str | os.PathLike, mode: str = "r", **kwargs) -> IO:  # noqa: A001
     """Opens a file for reading (or for a whole local write; remote writes go through
-    `core.atomic.atomic_open`)."""
-    if is_remote(path):
+    `core.atomic.atomic_open`). A missing object is the FileNotFoundError a local open gives,
+    naming its URI (gcsfs names it by its API address)."""
+    if not is_remote(path):
+        return io.open(path, mode, **kwargs)
+    kwargs.pop("newline", None)  # epath takes none: an object's text has universal newlines
+    try:
         return epath_of(path).open(mode, **kwargs)
-    return io.open(path, mode, **kwargs)
+    except FileNotFoundError:
+        raise FileNotFoundError(errno.ENOENT, os.strerror(errno.ENOENT), os.fspath(path)) from None
 
 
 def read_text(path: str | os.PathLike) -> str:

@@ -18,7 +18,6 @@ import numpy as np
 from PIL import Image
 
 from jfacerec.core import storage
-from jfacerec.data.files import open_file
 from jfacerec.data.folders import ImageFiles
 from jfacerec.data.images import _open_rgb, as_rgb_array
 from jfacerec.data.records import ImageFileSource
@@ -160,7 +159,7 @@ def read_landmarks_csv(path: str, root: str) -> LandmarksFile:
                                 f"check dataset.landmarks or --landmarks")
     points: dict[str, np.ndarray] = {}
     lines: dict[str, int] = {}
-    with open_file(path, newline="") as f:
+    with storage.open(path, newline="") as f:
         for number, row in enumerate(csv.reader(f), 1):
             if not row or (number == 1 and row[0].strip().lower() == "path"):
                 continue

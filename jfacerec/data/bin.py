@@ -29,9 +29,8 @@ from absl import flags
 from PIL import Image
 from tqdm.auto import tqdm
 
-from jfacerec.core import cli, safe_pickle
+from jfacerec.core import cli, safe_pickle, storage
 from jfacerec.core.atomic import atomic_open
-from jfacerec.data import files
 from jfacerec.data import images as image_io
 from jfacerec.data.pairs import read_lfw_pairs
 
@@ -160,7 +159,7 @@ def _image(item: Any, path: str, index: int) -> Encoded:
 def read_bin(path: str) -> BinSet:
     """The verification set in `path`. ValueError naming the file (and the image or pair) for a
     pickle that would run code, a truncated file, or lists that do not pair up."""
-    data = files.read_bytes(path)
+    data = storage.read_bytes(path)
     try:
         loaded = safe_pickle.load(data, path, allowed=_numpy_callables(), encoding="bytes")
     except safe_pickle.UnsafePickleError as e:

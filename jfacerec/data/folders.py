@@ -21,7 +21,6 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from jfacerec.core import storage
-from jfacerec.data.files import object_names
 from jfacerec.data.images import EXTENSIONS, ImageDecodeError, decode, is_image_name
 
 
@@ -124,7 +123,7 @@ def _remote_tree(root: str) -> dict[str, list[str]]:
     """The folders of an object-store `root` ('' for root itself, else each subfolder's name)
     -> the sorted names of the files directly in each; {} when nothing is stored under `root`."""
     tree: dict[str, list[str]] = {}
-    for name in object_names(root):
+    for name in storage.files_under(root):
         parts = name.split("/")
         if len(parts) == 1:
             tree.setdefault("", []).append(parts[0])

@@ -17,7 +17,6 @@ import numpy as np
 from PIL import Image, ImageOps
 
 from jfacerec.core import storage
-from jfacerec.data import files
 
 EXTENSIONS = (".jpg", ".jpeg", ".png", ".pgm", ".ppm", ".bmp")
 
@@ -56,7 +55,7 @@ def _open_rgb(data: bytes | str | os.PathLike, *, name: str | None = None,
     """`decode`, as a Pillow RGB image."""
     name = name or (os.fspath(data) if not isinstance(data, bytes) else "<bytes>")
     if not isinstance(data, bytes) and storage.is_remote(data):
-        data = files.read_bytes(os.fspath(data))
+        data = storage.read_bytes(os.fspath(data))
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)

@@ -43,7 +43,6 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from jfacerec.core import cli, storage
-from jfacerec.data import files
 from jfacerec.data.folders import SkippedImageWarning, scan_identity_folders
 from jfacerec.data.images import ImageDecodeError, decode, load_face
 
@@ -67,7 +66,7 @@ def read_index(directory: str) -> dict:
     if not storage.isfile(path):
         raise FileNotFoundError(f"{path}: no packed dataset here; make one with "
                                 f"python -m jfacerec.data.pack SRC {directory}")
-    index = json.loads(files.read_text(path))
+    index = json.loads(storage.read_text(path))
     if index.get("format_version") != FORMAT_VERSION:
         raise ValueError(f"{path} has format version {index.get('format_version')}; this "
                          f"jfacerec reads version {FORMAT_VERSION}: pack the images again")
@@ -81,7 +80,7 @@ def read_index(directory: str) -> dict:
 
 def _encoded(path: str, size: int | None, crop: float, quality: int) -> bytes:
     if size is None:
-        return files.read_bytes(path)
+        return storage.read_bytes(path)
     face = load_face(path, crop_fraction=crop, size=size)
     buffer = io.BytesIO()
     Image.fromarray(face).save(buffer, format="JPEG", quality=quality)
@@ -208,7 +207,7 @@ def _padded(length: int) -> int:
 
 def read_recordio_property(path: str) -> tuple[int, int, int]:
     """`property`, the text `num_classes,height,width` -> those three integers."""
-    text = files.read_text(path).strip()
+    text = storage.read_text(path).strip()
     try:
         num_classes, height, width = (int(v) for v in text.split(","))
     except ValueError:
@@ -221,7 +220,7 @@ def read_recordio_property(path: str) -> tuple[int, int, int]:
 
 def _index_line_error(path: str) -> ValueError:
     """The first line of a `train.idx` that is not `key<TAB>byte offset`, as an error."""
-    with files.open_file(path) as f:
+    with storage.open(path) as f:
         for number, line in enumerate(f, 1):
             fields = line.split()
             if fields and (len(fields) != 2 or not all(v.isdigit() for v in fields)):
@@ -232,7 +231,7 @@ def _index_line_error(path: str) -> ValueError:
 
 def read_recordio_index(path: str) -> tuple[np.ndarray, np.ndarray]:
     """`train.idx`, lines `key<TAB>byte offset` -> (keys, offsets), int64 [n] each, file order."""
-    words = files.read_text(path).split()
+    words = storage.read_text(path).split()
     if not words:
         raise ValueError(f"{path} lists no records; expected lines 'key<TAB>byte offset'")
     try:
@@ -253,7 +252,7 @@ def _reader(path: str) -> tuple[ReadAt, Callable[[], None]]:
     """(read_at, close) for the file `path`: os.pread on a descriptor for a local file, ranged
     requests for an object."""
     if storage.is_remote(path):
-        return functools.partial(files.read_range, path, storage.getsize(path)), lambda: None
+        return functools.partial(storage.read_range, path, storage.getsize(path)), lambda: None
     fd = os.open(path, os.O_RDONLY)
     return functools.partial(os.pread, fd), functools.partial(os.close, fd)
 

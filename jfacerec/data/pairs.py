@@ -8,7 +8,6 @@ from __future__ import annotations
 import dataclasses
 
 from jfacerec.core import storage
-from jfacerec.data.files import open_file
 
 
 @dataclasses.dataclass(frozen=True)
@@ -31,7 +30,7 @@ def read_lfw_pairs(path: str) -> list[list[LfwPair]]:
     The header says the format: `N` (View 1: one set of N matched then N mismatched pairs) or
     `FOLDS<tab>N` (View 2: FOLDS identity-disjoint folds of 2N pairs each).
     """
-    with open_file(path) as f:
+    with storage.open(path) as f:
         lines = [line.split() for line in f if line.strip()]
     if not lines or not all(x.isdigit() for x in lines[0]) or len(lines[0]) not in (1, 2):
         raise ValueError(f"{path}: the first line must be 'N' (View 1) or 'FOLDS<tab>N' (View 2)")

@@ -25,7 +25,6 @@ import numpy as np
 
 from jfacerec.core import storage
 from jfacerec.data.align import AlignedFileSource, read_landmarks_csv
-from jfacerec.data.files import open_file
 from jfacerec.data.folders import ImageFiles, scan_identity_folders, split_per_identity
 from jfacerec.data.records import (UNSEEN_IDENTITY_OFFSET, ArrayRecordSource, FaceDataset,
                                    ImageFileSource, SyntheticSource)
@@ -119,7 +118,7 @@ def read_id_label_csv(path: str) -> dict[str, str]:
     """An `id,label` CSV (HW2P2's dev_identities.csv, our submissions) -> {id: label}."""
     if not storage.isfile(path):
         raise FileNotFoundError(f"{path}: no such file (an id,label CSV)")
-    with open_file(path, newline="") as f:
+    with storage.open(path, newline="") as f:
         rows = list(csv.reader(f))
     if not rows or [c.strip().lower() for c in rows[0][:2]] != ["id", "label"]:
         raise ValueError(f"{path}: expected a header line 'id,label'")
