@@ -20,6 +20,12 @@ The best step. Validation during training names a step the best so far (`save(..
 once that step is recorded intact, `checkpoints/best.json` says which it is, by which metric and
 value (written atomically), and rotation keeps it beside the newest `keep`. `select_step` turns
 `checkpoint="best"` into its step number for restoring.
+
+The moving average. A state with an exponential moving average of its parameters (a field
+`ema_params`, see training/state.py EmaTrainState) is saved whole, and its meta says so
+(`"params_key": "ema_params"`; absent: "params"). `restore_variables` gives the average as the
+"params" of inference and fine-tunes; `restore` refuses a state with an average into one without,
+and the reverse, saying which config key differs.
 """
 
 from __future__ import annotations
@@ -41,6 +47,7 @@ from jfacerec.core.atomic import atomic_open
 FORMAT_VERSION = 1
 MANIFEST = "sha256.json"
 BEST = "best.json"  # in checkpoints/: {"step", "metric", "value"} of the best validated step
+EMA_PARAMS = "ema_params"  # the state's moving average of its parameters, in those that have one
 _SET_ASIDE = ".damaged"  # suffix of the directories of damaged steps moved out of orbax's sight
 
 T = TypeVar("T")
@@ -189,6 +196,8 @@ class Checkpointer:
                 "param_shapes": _shapes(state.params)}
         if self.num_classes is not None:
             meta["num_classes"] = self.num_classes
+        if hasattr(state, EMA_PARAMS):
+            meta["params_key"] = EMA_PARAMS
         if self.manager.save(step, args=ocp.args.Composite(
                 state=ocp.args.StandardSave(state),
                 data=ocp.args.JsonSave(data_state or {}),
@@ -237,8 +246,13 @@ class Checkpointer:
     def meta(self, step: int | None = None) -> dict:
         """The format version, step and parameter shapes saved with a checkpoint (the newest
         intact by default), without reading the arrays."""
-        return self._newest_intact(lambda s: self._read(s, None, meta=ocp.args.JsonRestore()),
-                                   step)[0]["meta"]
+        return self._newest_intact(lambda s: self._read(
+            s, None, lambda _: dict(meta=ocp.args.JsonRestore())), step)[0]["meta"]
+
+    def params_key(self, step: int | None = None) -> str:
+        """The state's entry holding the parameters to use at `step` (the newest intact by
+        default): "ema_params" when the run kept a moving average of them, else "params"."""
+        return _params_key(self.meta(step))
 
     def head(self, step: int | None = None) -> tuple[int, int]:
         """(classes, columns) of the classifier saved at `step` (the newest intact by default):
@@ -258,21 +272,31 @@ class Checkpointer:
         or for parameters of other shapes (another model or config); DamagedCheckpointError when
         `step` is damaged, or no step is intact.
         """
+        expected = EMA_PARAMS if hasattr(abstract_state, EMA_PARAMS) else "params"
         out, step = self._newest_intact(lambda s: self._read(
-            s, abstract_state.params, state=ocp.args.StandardRestore(abstract_state),
-            data=ocp.args.JsonRestore()), step)
+            s, abstract_state.params, lambda _: dict(
+                state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore()),
+            params_key=expected), step)
         return out["state"], out["data"], step
 
-    def restore_variables(self, abstract: dict[str, Any],
-                          step: int | None = None) -> tuple[dict[str, Any], int]:
+    def restore_variables(self, abstract: dict[str, Any], step: int | None = None, *,
+                          ema: bool = True) -> tuple[dict[str, Any], int]:
         """Restores only `abstract`'s entries of the state ({"params", "batch_stats"}), for
-        inference, like `restore`: the optimizer state is neither read nor needed. Returns
-        (variables, step)."""
-        out, step = self._newest_intact(lambda s: self._read(
-            s, abstract["params"], state=ocp.args.PyTreeRestore(
-                abstract, restore_args=ocp.checkpoint_utils.construct_restore_args(abstract),
-                partial_restore=True)), step)
-        return {key: out["state"][key] for key in abstract}, step
+        inference, like `restore`: the optimizer state is neither read nor needed. With `ema`,
+        "params" are the moving average of the parameters when the checkpoint has one (see
+        `params_key`). Returns (variables, step)."""
+
+        def items(meta: dict) -> dict:
+            source = _params_key(meta) if ema else "params"
+            renamed = {source if key == "params" else key: tree for key, tree in abstract.items()}
+            return dict(state=ocp.args.PyTreeRestore(
+                renamed, restore_args=ocp.checkpoint_utils.construct_restore_args(renamed),
+                partial_restore=True))
+
+        out, step = self._newest_intact(lambda s: self._read(s, abstract["params"], items), step)
+        state = out["state"]
+        source = EMA_PARAMS if ema and EMA_PARAMS in state else "params"
+        return {key: state[source if key == "params" else key] for key in abstract}, step
 
     def set_aside_after(self, step: int) -> list[str]:
         """Moves the steps after `step` (the damaged ones a resume skipped) to
@@ -324,9 +348,11 @@ class Checkpointer:
             f"no intact checkpoint in {self.directory} ({what}): restore the checkpoints from a "
             f"copy, or train again in a new --workdir", what)
 
-    def _read(self, step: int, abstract_params: Any, **items: Any) -> dict:
-        """orbax's restore of `items` at `step`, after its files are checked against the manifest
-        and its meta against `abstract_params` (when given).
+    def _read(self, step: int, abstract_params: Any, items: Callable[[dict | None], dict], *,
+              params_key: str | None = None) -> dict:
+        """orbax's restore of the items `items(meta)` at `step`, after its files are checked
+        against the manifest and its meta (read when `abstract_params` is given, else None)
+        against `abstract_params` and, when given, `params_key` (see `params_key`).
 
         DamagedCheckpointError when the files differ from the manifest, or when orbax cannot read
         a step without one or finds NaN in it. Orbax failing on a step whose files are intact is
@@ -337,12 +363,13 @@ class Checkpointer:
         if damage is not None:
             raise DamagedCheckpointError(f"checkpoint {where} is damaged: {damage}", damage)
         verified = has_manifest(where)
+        meta = None
         if abstract_params is not None:
             meta = self._orbax(where, verified, lambda: self.manager.restore(
                 step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())))["meta"]
-            _check_meta(where, meta, abstract_params)
+            _check_meta(where, meta, abstract_params, params_key)
         out = self._orbax(where, verified, lambda: self.manager.restore(
-            step, args=ocp.args.Composite(**items)))
+            step, args=ocp.args.Composite(**items(meta))))
         if not verified and "state" in out and not bool(_all_finite(out["state"])):
             raise _unverified_damage(where, "its arrays hold NaN or inf")
         return out
@@ -399,12 +426,23 @@ def _unverified_damage(where: str, what: str) -> DamagedCheckpointError:
         f"checkpoint {where} (saved without {MANIFEST}, unverified) is damaged: {what}", what)
 
 
-def _check_meta(where: str, meta: dict, abstract_params: Any) -> None:
+def _params_key(meta: dict) -> str:
+    return meta.get("params_key", "params")
+
+
+def _check_meta(where: str, meta: dict, abstract_params: Any,
+                params_key: str | None = None) -> None:
     """Raises ValueError unless the checkpoint's format version and parameter shapes are those
-    of `abstract_params`."""
+    of `abstract_params`, and it has a moving average of them when `params_key` is
+    "ema_params" (none when "params"; None: either)."""
     if meta.get("format_version") != FORMAT_VERSION:
         raise ValueError(f"checkpoint {where} has format version {meta.get('format_version')}, "
                          f"this jfacerec reads version {FORMAT_VERSION}")
+    if params_key is not None and _params_key(meta) != params_key:
+        has = "has a" if _params_key(meta) == EMA_PARAMS else "has no"
+        raise ValueError(f"checkpoint {where} {has} moving average of the parameters and this "
+                         f"config's ema.decay says the opposite; resume with the ema.decay it "
+                         f"was trained with, or train in a new --workdir")
     expected, saved = _shapes(abstract_params), meta.get("param_shapes", {})
     if saved != expected:
         diff = sorted(k for k in set(expected) | set(saved) if expected.get(k) != saved.get(k))

@@ -53,9 +53,11 @@ def base_config() -> ml_collections.ConfigDict:
     # identities); the rest of the mesh is data parallel. 1: plain data parallelism.
     c.mesh = ml_collections.ConfigDict(dict(model=1))
 
+    # remat: recompute the backbone blocks' activations in the backward pass instead of keeping
+    # them (less memory, one more forward pass; the same parameters, losses and gradients).
     c.model = ml_collections.ConfigDict(dict(
         name="resnet_tiny", embedding_dim=128, norm="group", norm_groups=8, width_multiplier=1.0,
-        dropout=0.0, dropblock=0.0))
+        dropout=0.0, dropblock=0.0, remat=False))
     # loss.name is one loss or a weighted sum ("0.7*softmax + 0.3*triplet"); each loss's options
     # sit under its own name (a term's own `label_smoothing`, where a config adds one, overrides
     # loss.label_smoothing for that term).
@@ -77,6 +79,15 @@ def base_config() -> ml_collections.ConfigDict:
         weight_decay=5e-4, warmup_steps=100, schedule="cosine", grad_clip_norm=0.0,
         # the backbone's learning rate over the head's (0 freezes the backbone: a fine-tune)
         backbone_multiplier=1.0))
+    # Batches per optimizer update: each update applies the mean gradient of this many batches of
+    # `batch_size` (an effective batch of accumulate_steps x batch_size). Every count of steps
+    # (total_steps, warmup_steps, log/checkpoint/eval every_steps) counts batches; the learning
+    # rate changes once per update. 1: an update per batch.
+    c.accumulate_steps = 1
+    # An exponential moving average of the parameters, updated after each optimizer update with
+    # the decay min(decay, (1 + n) / (10 + n)) at the n-th update (counted from 0); saved with the
+    # state, and the weights that validation, evaluation and jfacerec.load use. 0: none.
+    c.ema = ml_collections.ConfigDict(dict(decay=0.0))
     # Weights to start from before step 0 (a fine-tune): a workdir (its newest checkpoint),
     # "WORKDIR:STEP", or a converted model's workdir (python -m jfacerec.convert). "": none.
     c.init_from = ""

@@ -80,10 +80,10 @@ def _builder(make_backbone, default_norm: str):
     def build(*, num_classes: int, embedding_dim: int = 128, norm: str | None = None,
               norm_groups: int = 32, width_multiplier: float = 1.0, dropout: float = 0.0,
               dropblock: float = 0.0, dtype: Any = jnp.float32, head: str = "linear",
-              head_scale: float = 64.0, class_columns: int = 0) -> FaceModel:
+              head_scale: float = 64.0, class_columns: int = 0, remat: bool = False) -> FaceModel:
         options = dict(norm=norm or default_norm, norm_groups=norm_groups,
                        width_multiplier=width_multiplier, dropout=dropout, dropblock=dropblock,
-                       dtype=dtype, embedding_dim=embedding_dim)
+                       dtype=dtype, embedding_dim=embedding_dim, remat=remat)
         # Backbones with their own embedding layer take the dropout; others leave it to the head.
         backbone, own_head = make_backbone(**options)
         return FaceModel(backbone, num_classes, embedding_dim, 0.0 if own_head else dropout,
@@ -142,7 +142,8 @@ _MODELS: dict[str, Callable[..., FaceModel]] = {
 
 def get_model(name: str, **kwargs) -> FaceModel:
     """The model registered under `name`, built with `kwargs` (num_classes, embedding_dim, norm,
-    norm_groups, width_multiplier, dropout, dropblock, dtype, head, head_scale, class_columns)."""
+    norm_groups, width_multiplier, dropout, dropblock, dtype, head, head_scale, class_columns,
+    remat: the backbone's blocks rematerialised, see layers.rematerialised)."""
     try:
         build = _MODELS[name]
     except KeyError:
@@ -164,7 +165,7 @@ def from_config(config: ml_collections.ConfigDict, num_classes: int,
                      norm_groups=m.norm_groups, width_multiplier=m.width_multiplier,
                      dropout=m.dropout, dropblock=m.dropblock,
                      dtype=jnp.dtype(config.dtype), head=head,
-                     head_scale=head_scale, class_columns=class_columns)
+                     head_scale=head_scale, class_columns=class_columns, remat=m.remat)
 
 
 __all__ = ["FaceModel", "NORMS", "Norm", "from_config", "get_model", "registered_models"]

@@ -8,7 +8,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from jfacerec.models.layers import DropBlock, Norm, conv2d
+from jfacerec.models.layers import DropBlock, Norm, conv2d, rematerialised
 
 
 def _norm(kind: str, groups: int, dtype: Any, name: str | None = None):
@@ -29,7 +29,7 @@ class ConvNeXtBlock(nn.Module):
     dtype: Any = jnp.float32
 
     @nn.compact
-    def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
+    def __call__(self, x: jax.Array, train: bool) -> jax.Array:
         y = conv2d(self.dim, (7, 7), padding="SAME", feature_group_count=self.dim,
                    dtype=self.dtype, name="dwconv")(x)
         y = _norm(self.norm, self.norm_groups, self.dtype, "norm")(y, train)
@@ -49,9 +49,11 @@ class ConvNeXt(nn.Module):
     norm: str = "layer"
     norm_groups: int = 32
     dtype: Any = jnp.float32
+    remat: bool = False  # recompute each block's activations in the backward pass
 
     @nn.compact
     def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
+        block = rematerialised(ConvNeXtBlock, self.remat)
         x = x.astype(self.dtype)
         x = conv2d(self.dims[0], (4, 4), (4, 4), padding="VALID", dtype=self.dtype,
                    name="stem")(x)
@@ -62,8 +64,8 @@ class ConvNeXt(nn.Module):
                 x = conv2d(dim, (2, 2), (2, 2), padding="VALID", dtype=self.dtype,
                            name=f"down{i}")(x)
             for j in range(depth):
-                x = ConvNeXtBlock(dim, self.norm, self.norm_groups, dtype=self.dtype,
-                                  name=f"stage{i + 1}_block{j + 1}")(x, train=train)
+                x = block(dim, self.norm, self.norm_groups, dtype=self.dtype,
+                          name=f"stage{i + 1}_block{j + 1}")(x, train)
             if i >= 2:
                 x = DropBlock(self.dropblock, 3)(x, train=train)
         return x

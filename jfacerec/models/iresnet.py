@@ -13,7 +13,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from jfacerec.models.layers import DropBlock, Norm, PReLU, conv2d
+from jfacerec.models.layers import DropBlock, Norm, PReLU, conv2d, rematerialised
 
 _PAD1 = ((1, 1), (1, 1))  # torch padding=1: the same pixels as arcface_torch at stride 2
 
@@ -39,7 +39,7 @@ class IBasicBlock(nn.Module):
     dtype: Any = jnp.float32
 
     @nn.compact
-    def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
+    def __call__(self, x: jax.Array, train: bool) -> jax.Array:
         norm = lambda name: Norm(self.norm, self.norm_groups, dtype=self.dtype,  # noqa: E731
                                  name=name)
         conv = lambda k, s, pad, name: conv2d(  # noqa: E731
@@ -68,9 +68,11 @@ class IResNet(nn.Module):
     norm: str = "batch"
     norm_groups: int = 32
     dtype: Any = jnp.float32
+    remat: bool = False  # recompute each block's activations in the backward pass
 
     @nn.compact
     def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
+        block = rematerialised(IBasicBlock, self.remat)
         x = x.astype(self.dtype)
         x = conv2d(self.widths[0], (3, 3), padding=_PAD1, use_bias=False, dtype=self.dtype,
                    name="conv1")(x)
@@ -79,9 +81,9 @@ class IResNet(nn.Module):
         for i, (size, width) in enumerate(zip(self.stage_sizes, self.widths)):
             for j in range(size):
                 # DropBlock in the last two stages, as its paper does for ResNets.
-                x = IBasicBlock(width, 2 if j == 0 else 1, self.norm, self.norm_groups,
-                                self.dropblock if i >= 2 else 0.0, dtype=self.dtype,
-                                name=f"layer{i + 1}_{j}")(x, train=train)
+                x = block(width, 2 if j == 0 else 1, self.norm, self.norm_groups,
+                          self.dropblock if i >= 2 else 0.0, dtype=self.dtype,
+                          name=f"layer{i + 1}_{j}")(x, train)
         x = Norm(self.norm, self.norm_groups, dtype=self.dtype, name="bn2")(x, train=train)
         x = x.reshape(x.shape[0], -1)
         x = nn.Dropout(self.dropout, deterministic=not train)(x)

@@ -18,7 +18,8 @@ from jfacerec.models.norms import NORMS, Norm, _divisor_at_most  # noqa: F401
 from jfacerec.models.xla_cpu import conv_general_dilated
 
 __all__ = ["CONV_KINDS", "Conv", "DropBlock", "NORMS", "Norm", "PReLU", "conv2d",
-           "conv_general_dilated", "conv_kernel_init", "conv_multiplies", "conv_parameters"]
+           "conv_general_dilated", "conv_kernel_init", "conv_multiplies", "conv_parameters",
+           "rematerialised"]
 
 
 def conv_kernel_init() -> Any:
@@ -36,6 +37,18 @@ def conv2d(features: int, kernel_size: Sequence[int], strides: Sequence[int] = (
     # (benchmarks/train_step.py times lax's convs that way) reaches every backbone.
     return nn.Conv(features, kernel_size, strides, kernel_init=conv_kernel_init(),
                    conv_general_dilated=conv_general_dilated, **kwargs)
+
+
+def rematerialised(block: type[nn.Module], remat: bool) -> type[nn.Module]:
+    """`block`, or with `remat` the same block under `nn.remat`: its activations are recomputed
+    in the backward pass instead of kept from the forward one (less memory for one more forward
+    of the block), with the same outputs, gradients and parameter names.
+
+    Call the result as `block(x, train)`: `train` is positional because it must be static
+    (argument 2, after the module and `x`). Name each block explicitly: nn.remat's class is named
+    `Checkpoint<block>`, which would change automatic names (`<block>_0`) and so the checkpoints.
+    """
+    return nn.remat(block, static_argnums=(2,)) if remat else block
 
 
 CONV_KINDS = ("standard", "depthwise", "pointwise", "separable")

@@ -7,6 +7,7 @@ embedding head.
 
 from __future__ import annotations
 
+import itertools
 from typing import Any, Sequence
 
 import flax.linen as nn
@@ -14,7 +15,7 @@ import jax
 import jax.numpy as jnp
 
 from jfacerec.models.iresnet import embedding_norm
-from jfacerec.models.layers import DropBlock, Norm, PReLU, conv2d
+from jfacerec.models.layers import DropBlock, Norm, PReLU, conv2d, rematerialised
 
 
 class ConvNorm(nn.Module):
@@ -55,7 +56,7 @@ class DepthWise(nn.Module):
     dtype: Any = jnp.float32
 
     @nn.compact
-    def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
+    def __call__(self, x: jax.Array, train: bool) -> jax.Array:
         kw = dict(norm=self.norm, norm_groups=self.norm_groups, dtype=self.dtype)
         y = ConvNorm(self.groups, 1, **kw)(x, train=train)
         y = ConvNorm(self.groups, 3, self.strides, groups=self.groups, **kw)(y, train=train)
@@ -74,9 +75,12 @@ class MobileFaceNet(nn.Module):
     norm: str = "batch"
     norm_groups: int = 32
     dtype: Any = jnp.float32
+    remat: bool = False  # recompute each block's activations in the backward pass
 
     @nn.compact
     def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
+        block = rematerialised(DepthWise, self.remat)
+        number = itertools.count()  # the blocks' automatic names, kept under nn.remat
         ch = lambda c: max(1, int(round(c * self.width_multiplier)))  # noqa: E731
         kw = dict(norm=self.norm, norm_groups=self.norm_groups, dtype=self.dtype)
         x = x.astype(self.dtype)
@@ -87,9 +91,10 @@ class MobileFaceNet(nn.Module):
                   (ch(256), self.blocks[2], ch(256), ch(256)),
                   (ch(256), self.blocks[3], ch(256), ch(512))]
         for i, (out, n, groups, down) in enumerate(stages):
-            x = DepthWise(out, down, strides=2, **kw)(x, train=train)
+            x = block(out, down, strides=2, **kw, name=f"DepthWise_{next(number)}")(x, train)
             for _ in range(n):
-                x = DepthWise(out, groups, residual=True, **kw)(x, train=train)
+                x = block(out, groups, residual=True, **kw,
+                          name=f"DepthWise_{next(number)}")(x, train)
             if i >= 1:
                 x = DropBlock(self.dropblock, 3)(x, train=train)
         x = ConvNorm(ch(512), 1, **kw)(x, train=train)
@@ -118,7 +123,7 @@ class InvertedResidual(nn.Module):
     dtype: Any = jnp.float32
 
     @nn.compact
-    def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
+    def __call__(self, x: jax.Array, train: bool) -> jax.Array:
         kw = dict(norm=self.norm, norm_groups=self.norm_groups, dtype=self.dtype)
         hidden = x.shape[-1] * self.expand
         y = ConvNorm(hidden, 1, act="relu6", **kw)(x, train=train) if self.expand != 1 else x
@@ -135,6 +140,7 @@ class MobileNetV2(nn.Module):
     norm: str = "batch"
     norm_groups: int = 32
     dtype: Any = jnp.float32
+    remat: bool = False  # recompute each block's activations in the backward pass
     # (expansion t, channels c, repeats n, stride s) of the paper's Table 2.
     settings: Sequence[tuple[int, int, int, int]] = (
         (1, 16, 1, 1), (6, 24, 2, 2), (6, 32, 3, 2), (6, 64, 4, 2), (6, 96, 3, 1),
@@ -143,13 +149,16 @@ class MobileNetV2(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
         kw = dict(norm=self.norm, norm_groups=self.norm_groups, dtype=self.dtype)
+        block = rematerialised(InvertedResidual, self.remat)
+        number = itertools.count()  # the blocks' automatic names, kept under nn.remat
         x = x.astype(self.dtype)
         x = ConvNorm(_make_divisible(32 * self.width_multiplier), 3, 2, act="relu6", **kw)(
             x, train=train)
         for i, (t, c, n, s) in enumerate(self.settings):
             out = _make_divisible(c * self.width_multiplier)
             for j in range(n):
-                x = InvertedResidual(out, s if j == 0 else 1, t, **kw)(x, train=train)
+                x = block(out, s if j == 0 else 1, t, **kw,
+                          name=f"InvertedResidual_{next(number)}")(x, train)
             if i >= 5:
                 x = DropBlock(self.dropblock, 3)(x, train=train)
         last = _make_divisible(1280 * max(1.0, self.width_multiplier))

@@ -8,7 +8,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from jfacerec.models.layers import DropBlock, Norm, conv2d
+from jfacerec.models.layers import DropBlock, Norm, conv2d, rematerialised
 
 
 class _Block(nn.Module):
@@ -42,7 +42,7 @@ class BasicBlock(_Block):
     """conv3x3 - norm - relu - conv3x3 - norm, plus a (projected) shortcut, then relu."""
 
     @nn.compact
-    def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
+    def __call__(self, x: jax.Array, train: bool) -> jax.Array:
         y = self.conv(self.features, 3, self.strides, "conv1")(x)
         y = nn.relu(self.make_norm("norm1")(y, train=train))
         y = self.conv(self.features, 3, 1, "conv2")(y)
@@ -54,7 +54,7 @@ class BottleneckBlock(_Block):
     """1x1 reduce - 3x3 - 1x1 expand (x4), each followed by norm, plus a shortcut."""
 
     @nn.compact
-    def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
+    def __call__(self, x: jax.Array, train: bool) -> jax.Array:
         out = self.features * 4
         y = self.conv(self.features, 1, 1, "conv1")(x)
         y = nn.relu(self.make_norm("norm1")(y, train=train))
@@ -82,12 +82,14 @@ class ResNet(nn.Module):
     norm_groups: int = 32
     dropblock: float = 0.0  # DropBlock rate after the last two stages
     dtype: Any = jnp.float32
+    remat: bool = False  # recompute each block's activations in the backward pass
 
     @nn.compact
     def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
         if len(self.stage_sizes) != len(self.widths):
             raise ValueError("stage_sizes and widths need one entry per stage")
-        block_cls = {"basic": BasicBlock, "bottleneck": BottleneckBlock}[self.block]
+        block_cls = rematerialised({"basic": BasicBlock, "bottleneck": BottleneckBlock}[self.block],
+                                   self.remat)
         x = x.astype(self.dtype)
         if self.stem == "imagenet":
             x = conv2d(self.widths[0], (7, 7), (2, 2), padding=[(3, 3), (3, 3)],
@@ -106,7 +108,7 @@ class ResNet(nn.Module):
             for j in range(size):
                 x = block_cls(width, strides=2 if i > 0 and j == 0 else 1, norm=self.norm,
                               norm_groups=self.norm_groups, dtype=self.dtype,
-                              name=f"stage{i + 1}_block{j + 1}")(x, train=train)
+                              name=f"stage{i + 1}_block{j + 1}")(x, train)
             if i >= len(self.stage_sizes) - 2:
                 x = DropBlock(self.dropblock, 3)(x, train=train)
         return x

@@ -5,7 +5,9 @@
 architecture and embedding size); its classes may differ. The backbone, the embedding head and the
 BatchNorm statistics are copied; the class weights (`params["classifier"]`) too when the class
 counts are equal, else the new head keeps its initialisation. The optimizer state stays the
-initial one (zeros, whatever the weights).
+initial one (zeros, whatever the weights). A source that kept a moving average of its parameters
+gives that average (the weights it was evaluated with); a run that keeps one starts its average
+at the weights it starts from.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ import jax
 from jfacerec.core import parallel
 from jfacerec.core.checkpoint import Checkpointer, select_step
 from jfacerec.training.optimizer import HEAD
-from jfacerec.training.state import TrainState
+from jfacerec.training.state import EmaTrainState, TrainState
 
 
 def parse_source(init_from: str) -> tuple[str, int | None, str]:
@@ -78,5 +80,7 @@ def load_into(state: TrainState, init_from: str, mesh: jax.sharding.Mesh) -> tup
               for name, tree in source["params"].items()}
     state = state.replace(params=params, batch_stats=placed(source["batch_stats"],
                                                             state.batch_stats))
+    if isinstance(state, EmaTrainState):
+        state = state.replace(ema_params=params)
     head = "and the head" if same_head else f"(a new head: {classes} classes there)"
     return state, f"initialised from step {got} of {workdir}: the backbone {head}"

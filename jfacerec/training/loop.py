@@ -23,10 +23,10 @@ from jfacerec.core import lock, parallel
 from jfacerec.core import workdir as workdir_files
 from jfacerec.core.checkpoint import Checkpointer
 from jfacerec.data import pipeline, sources
-from jfacerec.losses.objectives import Objective
 from jfacerec.models import xla_cpu
 from jfacerec.training import init_from
-from jfacerec.training.state import TrainState, abstract_train_state, init_state
+from jfacerec.training.state import (EmaTrainState, TrainState, abstract_train_state,
+                                     state_from_config)
 from jfacerec.training.step import make_train_step
 
 
@@ -143,6 +143,14 @@ def _record(metrics: list[dict], step: int, batch_size: int, elapsed: float) -> 
     return record
 
 
+def evaluated_variables(state: TrainState) -> dict[str, Any]:
+    """{"params", "batch_stats"} that validation measures: the moving average of the parameters
+    when the state keeps one (the weights evaluation and jfacerec.load restore), else the
+    parameters. The BatchNorm statistics are the training's own (they are not averaged)."""
+    params = state.ema_params if isinstance(state, EmaTrainState) else state.params
+    return {"params": params, "batch_stats": state.batch_stats}
+
+
 def train(config: ml_collections.ConfigDict, workdir: str,
           validate: Validator | None = None) -> TrainState:
     """Trains (or resumes) the model of `config`, writing everything under `workdir`.
@@ -205,8 +213,7 @@ def _train(config: ml_collections.ConfigDict, workdir: str,
             _say(f"moved the damaged checkpoint after step {start} aside to {moved}")
         _say(f"resumed from step {start} in {checkpointer.directory}")
     else:
-        objective = Objective.from_config(config)
-        init = jax.jit(lambda rng: init_state(model, tx, config.image_size, rng, objective),
+        init = jax.jit(lambda rng: state_from_config(model, tx, config, rng),
                        out_shardings=state_sharding)
         state, start = init(jax.random.key(config.seed)), 0
         if config.init_from:
@@ -257,8 +264,7 @@ def _train(config: ml_collections.ConfigDict, workdir: str,
             if validate is not None and (done % config.eval.every_steps == 0 or last):
                 _check_finite(jax.device_get(pending), interval_first, checkpointer)
                 began = time.perf_counter()
-                figures = validate({"params": state.params, "batch_stats": state.batch_stats},
-                                   done)
+                figures = validate(evaluated_variables(state), done)
                 logger.write({"step": done, **figures}, prefix="")
                 if best.improved_by(figures):
                     new_best = {"metric": best.key, "value": best.value}

@@ -15,8 +15,9 @@ from jfacerec.core.checkpoint import all_finite
 from jfacerec.losses import sharded_softmax
 from jfacerec.losses.objectives import Objective
 from jfacerec.models import FaceModel
-from jfacerec.training.optimizer import center_optimizer, learning_rate_schedule
-from jfacerec.training.state import TrainState
+from jfacerec.training.optimizer import (accumulate_steps, center_optimizer, completes_update,
+                                         ema_decay, ema_update, learning_rate_schedule)
+from jfacerec.training.state import EmaTrainState, TrainState
 
 
 def uses_sharded_head(config: ml_collections.ConfigDict) -> bool:
@@ -28,18 +29,25 @@ def uses_sharded_head(config: ml_collections.ConfigDict) -> bool:
 def make_train_step(model: FaceModel, tx: optax.GradientTransformation,
                     config: ml_collections.ConfigDict,
                     mesh: jax.sharding.Mesh | None = None) -> Callable:
-    """(state, batch) -> (state, metrics): one optimizer step on a global batch.
+    """(state, batch) -> (state, metrics): one step on a global batch.
+
+    With `config.accumulate_steps` K > 1 the parameters change at every K-th step, by the mean
+    gradient of the K batches (optimizer.make_optimizer); the steps between only accumulate. An
+    EmaTrainState's average moves at each change of the parameters (optimizer.ema_decay).
 
     batch: `image` float32 [batch, size, size, 3], `label` int32 [batch]. `mesh` (by default the
     config's) carries the class weights' `model` split when `uses_sharded_head(config)`.
-    metrics: float32 scalars, and `finite`, a bool scalar: the loss, the gradient norm and every
+    metrics: float32 scalars (`grad_norm` is this batch's gradient's; `learning_rate` the one of
+    this step's update), and `finite`, a bool scalar: the loss, the gradient norm and every
     array of the new state are finite. Weights gone NaN can still give a finite loss (about the
     log of the class count), so the loop checks `finite`, not the loss, before it saves a state.
     """
     objective = Objective.from_config(config)
     train_centers = objective.uses_centers and objective.center_update == "param"
-    center_tx = center_optimizer(objective)
+    k = accumulate_steps(config)
+    center_tx = center_optimizer(objective, k)
     schedule = learning_rate_schedule(config)
+    decay = config.ema.decay
     base_rng = jax.random.key(config.seed)
     sharded = uses_sharded_head(config)
     if sharded and mesh is None:
@@ -53,6 +61,15 @@ def make_train_step(model: FaceModel, tx: optax.GradientTransformation,
             mesh, head_kind, head_scale, params["classifier"]["kernel"],
             params["classifier"].get("bias"), config.loss.sample_rate,
             jax.random.fold_in(rng, sampler_tag), model.num_classes)
+
+    def averaged(state: EmaTrainState, params):
+        """The moving average after this step: moved towards `params` when they changed."""
+        moved = ema_update(state.ema_params, params, ema_decay(decay, state.step // k))
+        if k == 1:
+            return moved
+        changed = completes_update(state.step, k)
+        return jax.tree.map(lambda new, old: jnp.where(changed, new, old), moved,
+                            state.ema_params)
 
     def step(state: TrainState, batch: dict[str, jax.Array]):
         rng = jax.random.fold_in(base_rng, state.step)
@@ -92,13 +109,15 @@ def make_train_step(model: FaceModel, tx: optax.GradientTransformation,
                                                   labels) if sharded
                          else jnp.mean(jnp.argmax(logits, -1) == labels)),
             "grad_norm": optax.tree.norm(grads),
-            "learning_rate": schedule(state.step),
+            "learning_rate": schedule(state.step // k),
         }
         if len(parts) > 1:
             metrics.update({f"loss_{name}": value for name, value in parts.items()})
-        new_state = TrainState(step=state.step + 1, params=params, batch_stats=batch_stats,
-                               opt_state=opt_state, centers=centers,
-                               center_opt_state=center_opt_state)
+        new_state = state.replace(step=state.step + 1, params=params, batch_stats=batch_stats,
+                                  opt_state=opt_state, centers=centers,
+                                  center_opt_state=center_opt_state)
+        if decay > 0:
+            new_state = new_state.replace(ema_params=averaged(state, params))
         metrics["finite"] = (jnp.isfinite(loss) & jnp.isfinite(metrics["grad_norm"])
                              & all_finite(new_state))
         return new_state, metrics
