@@ -143,7 +143,7 @@ def run_over(fn: Callable, variables: Any, source: Source, *, batch_size: int, i
     starts = range(0, n, batch_size)
     # This process's records of each batch: none in a short last batch that ends before them.
     mine = [np.arange(s + own.start, min(s + own.stop, n)) for s in starts]
-    batches = pipeline.eval_batches(_Rows(source, np.concatenate([[], *mine]).astype(np.int64)),
+    batches = pipeline.eval_batches(_Rows(source, np.concatenate([np.zeros(0, np.int64), *mine])),
                                     batch_size=local, image_size=image_size)
     image_shape = (image_size, image_size, 3)
     outputs, labels = [], []
