@@ -208,12 +208,9 @@ fi
 if [[ $command == train || $command == all ]]; then
   [[ -n $config ]] || die "missing --config"
   [[ -n $workdir ]] || die "missing --workdir"
-  if [[ $workdir == gs://* ]]; then
-    echo "tpu_vm.sh: warning: jfacerec does not write gs:// workdirs yet;" \
-      "mount the bucket on every worker with gcsfuse and pass the mount path" >&2
-  else
+  if [[ $workdir != gs://* ]]; then
     echo "tpu_vm.sh: warning: on a multi-host slice --workdir $workdir must be a folder" \
-      "every worker shares (e.g. a gcsfuse mount of a bucket)" >&2
+      "every worker shares; a gs://BUCKET/PATH workdir is written directly" >&2
   fi
 else
   ((!delete)) || die "--delete goes with train or all (or use the delete command)"
