@@ -26,13 +26,12 @@ The gallery file's format and the search are in jfacerec/inference/gallery.py.
 
 from __future__ import annotations
 
-import os
 
 import jax
 import numpy as np
 from absl import app, flags
 
-from jfacerec.core import cli, parallel
+from jfacerec.core import cli, parallel, storage
 from jfacerec.data.align import read_landmarks_csv
 from jfacerec.data.folders import scan_identity_folders
 from jfacerec.inference.gallery import KEEP, UNKNOWN, Gallery, enroll, query_files
@@ -49,7 +48,7 @@ def _landmarks(f, paths) -> np.ndarray | None:
 
 def _enroll_main(f) -> None:
     recognizer = load(f.workdir)
-    files = scan_identity_folders(os.path.abspath(f.images), strict=f.strict)
+    files = scan_identity_folders(storage.absolute(f.images), strict=f.strict)
     gallery = enroll(recognizer, files, keep=f.keep, threshold=f.threshold,
                      landmarks=_landmarks(f, files.paths))
     if jax.process_index() != 0:

@@ -48,6 +48,14 @@ def absolute(path: str | os.PathLike) -> str:
     return path.rstrip("/") if is_remote(path) else os.path.abspath(path)
 
 
+def relative(path: str | os.PathLike, root: str | os.PathLike) -> str:
+    """`path` relative to the folder `root` ('/'-separated under a URI)."""
+    path, root = os.fspath(path), os.fspath(root)
+    if is_remote(root):
+        return posixpath.relpath(path.split("://", 1)[1], root.split("://", 1)[1])
+    return os.path.relpath(path, root)
+
+
 def exists(path: str | os.PathLike) -> bool:
     return epath_of(path).exists() if is_remote(path) else os.path.exists(path)
 

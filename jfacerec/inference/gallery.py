@@ -14,7 +14,6 @@ from __future__ import annotations
 import csv
 import dataclasses
 import io
-import os
 import zipfile
 from typing import Protocol, Sequence
 
@@ -22,7 +21,7 @@ import jax
 import ml_collections
 import numpy as np
 
-from jfacerec.core import parallel
+from jfacerec.core import parallel, storage
 from jfacerec.core.atomic import atomic_open
 from jfacerec.data.folders import ImageFiles, scan_flat_folder, scan_identity_folders
 from jfacerec.inference import matcher
@@ -179,15 +178,16 @@ class Gallery:
 
 def _read_npz(path: str) -> dict[str, np.ndarray]:
     """Every array of a .npz file, read without pickle."""
-    if not os.path.isfile(path):
+    if not storage.isfile(path):
         raise FileNotFoundError(f"{path}: no such gallery file; make one with "
                                 f"python -m jfacerec.gallery enroll")
+    data = io.BytesIO(storage.read_bytes(path))
     not_a_gallery = (f"{path}: not a gallery file, or a truncated one (not a whole .npz archive); "
                      f"enroll again with python -m jfacerec.gallery enroll")
-    if not zipfile.is_zipfile(path):
+    if not zipfile.is_zipfile(data):
         raise ValueError(not_a_gallery)
     try:
-        with np.load(path, allow_pickle=False) as z:
+        with np.load(data, allow_pickle=False) as z:
             return {k: z[k] for k in z.files}
     except (ValueError, OSError, EOFError, zipfile.BadZipFile) as e:
         # numpy's own message would suggest allow_pickle=True, which a gallery never needs.
@@ -217,17 +217,18 @@ def enroll(recognizer: Embedder, files: ImageFiles, *, keep: str = "mean",
         names = np.array(files.names)
     return Gallery(names=names.astype(str), embeddings=embeddings,
                    fingerprint=recognizer.fingerprint, model=recognizer.config.model.name,
-                   keep=keep, threshold=threshold, workdir=os.path.abspath(recognizer.workdir))
+                   keep=keep, threshold=threshold, workdir=storage.absolute(recognizer.workdir))
 
 
 def query_files(root: str, *, strict: bool) -> tuple[ImageFiles, list[str]]:
     """(files, ids): a flat folder of queries, or an identity tree (labelled queries); ids are
     paths relative to `root`."""
-    has_images = any(os.path.isfile(os.path.join(root, n)) for n in os.listdir(root)) \
-        if os.path.isdir(root) else True
-    files = (scan_flat_folder(os.path.abspath(root), strict=strict) if has_images
-             else scan_identity_folders(os.path.abspath(root), strict=strict))
-    return files, [os.path.relpath(p, os.path.abspath(root)) for p in files.paths]
+    root = storage.absolute(root)
+    has_images = any(storage.isfile(storage.join(root, n)) for n in storage.listdir(root)) \
+        if storage.isdir(root) else True
+    files = (scan_flat_folder(root, strict=strict) if has_images
+             else scan_identity_folders(root, strict=strict))
+    return files, [storage.relative(p, root) for p in files.paths]
 
 
 def write_matches(path: str, ids: list[str], matches: list[Match], k: int) -> None:
