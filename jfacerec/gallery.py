@@ -26,7 +26,6 @@ The gallery file's format and the search are in jfacerec/inference/gallery.py.
 
 from __future__ import annotations
 
-
 import jax
 import numpy as np
 from absl import app, flags
