@@ -11,11 +11,9 @@ accuracies, beside AUC, EER and TAR@FAR=1e-3 of the cosine scores (jfacerec.metr
 
 from __future__ import annotations
 
-import functools
 from typing import Callable, Sequence
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
 
@@ -23,8 +21,7 @@ from jfacerec import metrics
 from jfacerec.core import parallel
 from jfacerec.data.bin import BinSet
 from jfacerec.data.pipeline import normalize
-from jfacerec.inference.restore import Restored
-from jfacerec.models import xla_cpu
+from jfacerec.inference.restore import Restored, make_features_fn, to_host
 
 Embed = Callable[[np.ndarray], np.ndarray]  # float32 [n, h, w, 3] in [-1, 1] -> [n, dim]
 
@@ -109,14 +106,12 @@ def restored_embed(restored: Restored, batch_size: int) -> tuple[Embed, int]:
     n_dev = restored.mesh.devices.size
     batch_size = -(-batch_size // n_dev) * n_dev
     sharding = parallel.data_sharding(restored.mesh)
-
-    @functools.partial(jax.jit, compiler_options=xla_cpu.compiler_options())
-    def features(variables, images):
-        return restored.model.apply(variables, images, return_feats=True)
+    features = make_features_fn(restored.model, flip=False, normalize=False)
 
     def embed(images: np.ndarray) -> np.ndarray:
-        return np.asarray(features(restored.variables,
-                                   jax.device_put(jnp.asarray(images), sharding)))
+        # Each process puts its own rows; the features are gathered on every process.
+        batch = jax.make_array_from_callback(images.shape, sharding, lambda i: images[i])
+        return to_host(features(restored.variables, batch))
 
     return embed, batch_size
 

@@ -32,7 +32,7 @@ from jfacerec.core import parallel, storage
 from jfacerec.data import pipeline, sources
 from jfacerec.evaluation import protocols
 from jfacerec.evaluation.evaluator import cosine_of_pairs, verification_metrics
-from jfacerec.models import xla_cpu
+from jfacerec.inference.restore import make_features_fn, to_host
 
 UNSEEN = "unseen"
 METRICS = ("accuracy", "accuracy_std", "auc", "eer", "tar@far=1e-3")
@@ -110,13 +110,10 @@ def _features_on_mesh(config: ml_collections.ConfigDict) -> tuple[Features, int]
     def features(variables: Variables, images: np.ndarray) -> np.ndarray:
         classes = variables["params"]["classifier"]["kernel"].shape[-1]
         if classes not in built:
-            model = models.from_config(config, classes)
-            built[classes] = jax.jit(
-                lambda v, x: model.apply(v, x, return_feats=True),
-                out_shardings=parallel.replicated(mesh),
-                compiler_options=xla_cpu.compiler_options())
+            built[classes] = make_features_fn(models.from_config(config, classes), flip=False,
+                                              normalize=False)
         batch = jax.make_array_from_callback(images.shape, sharding, lambda index: images[index])
-        return np.asarray(built[classes](variables, batch), np.float32)
+        return np.asarray(to_host(built[classes](variables, batch)), np.float32)
 
     return features, mesh.devices.size
 
