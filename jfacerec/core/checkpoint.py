@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import warnings
 from typing import Any, Callable, TypeVar
 
@@ -40,7 +39,7 @@ import jax
 import jax.numpy as jnp
 import orbax.checkpoint as ocp
 
-from jfacerec.core import parallel
+from jfacerec.core import parallel, storage
 from jfacerec.core import workdir as workdir_files
 from jfacerec.core.atomic import atomic_open
 
@@ -85,7 +84,7 @@ def _shapes(tree: Any) -> dict[str, list[int]]:
 
 def _sha256(path: str) -> str:
     digest = hashlib.sha256()
-    with open(path, "rb") as f:
+    with storage.open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             digest.update(chunk)
     return digest.hexdigest()
@@ -93,9 +92,7 @@ def _sha256(path: str) -> str:
 
 def _files(step_dir: str) -> list[str]:
     """Every file under `step_dir` but the manifest, relative to it, sorted."""
-    found = [os.path.relpath(os.path.join(root, name), step_dir)
-             for root, _, names in os.walk(step_dir) for name in names]
-    return sorted(f for f in found if f != MANIFEST)
+    return [f for f in storage.files_under(step_dir) if f != MANIFEST]
 
 
 def write_manifest(step_dir: str) -> None:
@@ -103,28 +100,27 @@ def write_manifest(step_dir: str) -> None:
     a step has the whole manifest or none."""
     files = {}
     for name in _files(step_dir):
-        path = os.path.join(step_dir, name)
-        files[name] = {"bytes": os.path.getsize(path), "sha256": _sha256(path)}
-    with atomic_open(os.path.join(step_dir, MANIFEST)) as f:
+        path = storage.join(step_dir, name)
+        files[name] = {"bytes": storage.getsize(path), "sha256": _sha256(path)}
+    with atomic_open(storage.join(step_dir, MANIFEST)) as f:
         json.dump({"files": files}, f, indent=1, sort_keys=True)
 
 
 def find_damage(step_dir: str) -> str | None:
     """What differs between a step's files and its manifest, in a few words naming the file; None
     when nothing does, or when the step has no manifest (see `has_manifest`)."""
-    manifest = os.path.join(step_dir, MANIFEST)
-    if not os.path.isfile(manifest):
+    manifest = storage.join(step_dir, MANIFEST)
+    if not storage.isfile(manifest):
         return None
     try:
-        with open(manifest) as f:
-            recorded = json.load(f)["files"]
+        recorded = json.loads(storage.read_text(manifest))["files"]
     except (OSError, ValueError, KeyError, TypeError) as e:
         return f"{MANIFEST} is unreadable ({type(e).__name__}: {e})"
     for name, saved in sorted(recorded.items()):
-        path = os.path.join(step_dir, name)
-        if not os.path.isfile(path):
+        path = storage.join(step_dir, name)
+        if not storage.isfile(path):
             return f"{name} is missing"
-        size = os.path.getsize(path)
+        size = storage.getsize(path)
         if size != saved["bytes"]:
             return f"{name} has {size} bytes, {saved['bytes']} were saved"
         if _sha256(path) != saved["sha256"]:
@@ -133,7 +129,7 @@ def find_damage(step_dir: str) -> str | None:
 
 
 def has_manifest(step_dir: str) -> bool:
-    return os.path.isfile(os.path.join(step_dir, MANIFEST))
+    return storage.isfile(storage.join(step_dir, MANIFEST))
 
 
 def _one_line(e: BaseException) -> str:
@@ -150,7 +146,8 @@ class Checkpointer:
                  read_only: bool = False, num_classes: int | None = None):
         if keep < 1:
             raise ValueError(f"keep_checkpoints is {keep}: keep at least 1 checkpoint")
-        self.directory = os.path.abspath(workdir_files.path(workdir, workdir_files.CHECKPOINTS))
+        self.directory = storage.absolute(
+            workdir_files.path(workdir, workdir_files.CHECKPOINTS))
         self.keep = keep
         self.num_classes = num_classes  # saved in each checkpoint's meta: its head may be padded
         # No max_to_keep: orbax would rotate before a new step is recorded; `_rotate` does it after.
@@ -165,7 +162,7 @@ class Checkpointer:
         self._best_step = None if best is None else best["step"]  # never rotated out
 
     def step_dir(self, step: int) -> str:
-        return os.path.join(self.directory, str(step))
+        return storage.join(self.directory, str(step))
 
     def latest_step(self) -> int | None:
         """The newest step on disk, intact or not."""
@@ -174,12 +171,11 @@ class Checkpointer:
     def best(self) -> dict | None:
         """{"step", "metric", "value"} of the best validated step, or None when validation named
         none or that step is no longer on disk (moved aside after damage)."""
-        path = os.path.join(self.directory, BEST)
-        if not os.path.isfile(path):
+        path = storage.join(self.directory, BEST)
+        if not storage.isfile(path):
             return None
         try:
-            with open(path) as f:
-                best = json.load(f)
+            best = json.loads(storage.read_text(path))
             step = int(best["step"])
         except (OSError, ValueError, KeyError, TypeError) as e:
             raise ValueError(f"{path} is unreadable ({type(e).__name__}: {e}); delete it, and "
@@ -220,7 +216,7 @@ class Checkpointer:
             if step in pending:
                 # After the manifest: best.json never names a step that is not intact.
                 if jax.process_index() == 0:
-                    with atomic_open(os.path.join(self.directory, BEST)) as f:
+                    with atomic_open(storage.join(self.directory, BEST)) as f:
                         json.dump(pending[step], f, indent=1, sort_keys=True)
                 self._best_step = step
         self._rotate()
@@ -308,7 +304,7 @@ class Checkpointer:
         moved = [self._unused_name(f"{self.step_dir(s)}{_SET_ASIDE}") for s in newer]
         if jax.process_index() == 0:
             for s, target in zip(newer, moved):
-                os.rename(self.step_dir(s), target)
+                storage.rename(self.step_dir(s), target)
         parallel.barrier(f"jfacerec-checkpoints-set-aside-after-{step}")
         self.manager.reload()
         if self._best_step in newer:
@@ -318,7 +314,7 @@ class Checkpointer:
     @staticmethod
     def _unused_name(path: str) -> str:
         n, candidate = 1, path
-        while os.path.exists(candidate):
+        while storage.exists(candidate):
             n, candidate = n + 1, f"{path}-{n}"
         return candidate
 

@@ -9,8 +9,6 @@ callback is given (the evaluation layer builds it: jfacerec.evaluation.validatio
 from __future__ import annotations
 
 import contextlib
-import json
-import os
 import time
 from typing import Any, Protocol
 
@@ -19,7 +17,7 @@ import ml_collections
 import numpy as np
 from tqdm.auto import tqdm
 
-from jfacerec.core import lock, parallel
+from jfacerec.core import atomic, lock, parallel, storage
 from jfacerec.core import workdir as workdir_files
 from jfacerec.core.checkpoint import Checkpointer
 from jfacerec.data import pipeline, sources
@@ -80,25 +78,19 @@ class _Logger:
 
     def __init__(self, workdir: str, resume_step: int):
         self.enabled = jax.process_index() == 0
-        self.path = workdir_files.path(workdir, workdir_files.METRICS)
+        self.workdir = workdir
         self.writer = None
         if not self.enabled:
             return
-        if os.path.exists(self.path):
-            # Lines written after the checkpoint we resume from describe steps that will be redone.
-            with open(self.path) as f:
-                kept = [l for l in f if l.strip() and json.loads(l)["step"] <= resume_step]
-            with open(self.path, "w") as f:
-                f.writelines(kept)
-        from tensorboardX import SummaryWriter  # deferred: only process 0 writes events
-        self.writer = SummaryWriter(workdir_files.path(workdir, workdir_files.TENSORBOARD))
+        # Lines written after the checkpoint we resume from describe steps that will be redone.
+        workdir_files.keep_metrics(workdir, resume_step)
+        self.writer = workdir_files.tensorboard_writer(workdir)
 
     def write(self, record: dict[str, float], prefix: str = "train/") -> None:
         """One line of metrics.jsonl; TensorBoard's tags are `prefix` + key."""
         if not self.enabled:
             return
-        with open(self.path, "a") as f:
-            f.write(json.dumps(record) + "\n")
+        workdir_files.append_metrics(record, self.workdir)
         for key, value in record.items():
             if key != "step":
                 self.writer.add_scalar(f"{prefix}{key}", value, record["step"])
@@ -164,7 +156,10 @@ def train(config: ml_collections.ConfigDict, workdir: str,
     WorkdirLockedError at once. A refused run (a config that does not fit the checkpoint, no
     intact checkpoint) raises before anything in the workdir is written.
     """
-    os.makedirs(workdir, exist_ok=True)
+    storage.makedirs(workdir)
+    if jax.process_index() == 0:
+        # A missing bucket, no credentials, a read-only or rename-less file system: one line now.
+        atomic.check_writable(workdir)
     held = lock.exclusive(workdir) if jax.process_index() == 0 else contextlib.nullcontext()
     with held:
         return _train(config, workdir, validate if config.eval.every_steps else None)
