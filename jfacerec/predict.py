@@ -19,11 +19,10 @@ written atomically: an interrupted run leaves the previous files whole.
 
 from __future__ import annotations
 
-import os
 
 from absl import flags
 
-from jfacerec.core import cli
+from jfacerec.core import cli, storage
 from jfacerec.evaluation.hw2p2 import predict
 
 
@@ -34,7 +33,7 @@ def main(argv):
         report = predict(f.workdir, f.data, f.out, split=f.split, strict=f.strict)
     for key, value in sorted(report.items()):
         print(f"{key:<28} {value:.4f}" if isinstance(value, float) else f"{key:<28} {value}")
-    print(f"wrote {', '.join(sorted(os.listdir(f.out)))} in {f.out}")
+    print(f"wrote {', '.join(storage.listdir(f.out))} in {f.out}")
 
 
 if __name__ == "__main__":

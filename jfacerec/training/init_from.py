@@ -17,7 +17,7 @@ from typing import Any
 
 import jax
 
-from jfacerec.core import parallel
+from jfacerec.core import parallel, storage
 from jfacerec.core.checkpoint import Checkpointer, select_step
 from jfacerec.training.optimizer import HEAD
 from jfacerec.training.state import EmaTrainState, TrainState
@@ -54,7 +54,7 @@ def load_into(state: TrainState, init_from: str, mesh: jax.sharding.Mesh) -> tup
     model differs from this config's (other parameter shapes).
     """
     workdir, step, which = parse_source(init_from)
-    if not os.path.isdir(workdir):
+    if not storage.isdir(workdir):
         raise FileNotFoundError(f"init_from {workdir}: no such directory; give a trained "
                                 f"workdir (WORKDIR, WORKDIR:STEP or WORKDIR:best)")
     step = select_step(workdir, step=step, checkpoint=which)
