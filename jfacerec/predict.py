@@ -19,7 +19,6 @@ written atomically: an interrupted run leaves the previous files whole.
 
 from __future__ import annotations
 
-
 from absl import flags
 
 from jfacerec.core import cli, storage
