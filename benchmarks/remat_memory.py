@@ -1,13 +1,19 @@
-"""Peak temporary memory of the compiled train step with and without `model.remat`.
+"""The memory of a train step with and without `model.remat`, from shapes and the compiler alone
+(nothing is run).
 
-XLA's memory analysis of the jitted step (`compiled.memory_analysis().temp_size_in_bytes`: the
-buffers live during the step beyond its arguments and outputs, which is where the activations
-kept for the backward pass go) for a model, a batch size and an image size; nothing is run.
+Two figures for each setting:
+- `temp_bytes`: XLA's memory analysis of the compiled train step
+  (`compiled.memory_analysis().temp_size_in_bytes`: the buffers live during the step beyond its
+  arguments and outputs, where the activations kept for the backward pass go), on the default
+  backend. XLA:CPU folds the recomputation back into the forward pass, so on a CPU both settings
+  give about the same figure; on GPU and TPU the saving shows here.
+- `kept_bytes`: what the forward pass keeps for the backward one, the residuals of the loss's
+  vjp as JAX traces it (the parameters included), the same on every backend.
 
     python benchmarks/remat_memory.py --model resnet50 --batch_size 64 --image_size 112
 
-prints a table and ends with a JSON line `{"model", "batch_size", "image_size",
-"temp_bytes": {"remat": int, "no_remat": int}}`.
+prints a line and ends with a JSON line `{"model", "batch_size", "image_size", "backend",
+"temp_bytes": {"no_remat": int, "remat": int}, "kept_bytes": {"no_remat": int, "remat": int}}`.
 """
 
 from __future__ import annotations
@@ -18,6 +24,7 @@ import json
 import jax
 import jax.numpy as jnp
 
+from jfacerec import models
 from jfacerec.core import config_base, parallel
 from jfacerec.training import abstract_train_state, make_train_step
 
@@ -34,6 +41,28 @@ def step_temp_bytes(config, num_classes: int) -> int:
     return step.lower(abstract, batch).compile().memory_analysis().temp_size_in_bytes
 
 
+def kept_bytes(config, num_classes: int) -> int:
+    """Bytes of the residuals of the loss's vjp at the config's batch (the activations and
+    parameters the backward pass reads), from shapes alone."""
+    model = models.from_config(config, num_classes)
+    size = config.image_size
+    images = jax.ShapeDtypeStruct((config.batch_size, size, size, 3), jnp.float32)
+
+    def residuals(images):
+        variables = model.init(jax.random.key(0), images)
+
+        def loss(params):
+            out, _ = model.apply({"params": params,
+                                  "batch_stats": variables.get("batch_stats", {})},
+                                 images, train=True, mutable=["batch_stats"])
+            return jnp.mean(out)
+
+        return jax.vjp(loss, variables["params"])[1]
+
+    return sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(jax.eval_shape(residuals,
+                                                                                  images)))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="resnet_tiny")
@@ -45,15 +74,21 @@ def main() -> None:
     config = config_base.base_config()
     config.update(batch_size=args.batch_size, image_size=args.image_size, num_devices=1)
     config.model.update(name=args.model, width_multiplier=args.width_multiplier)
-    temp = {}
+    temp, kept = {}, {}
     for remat in (False, True):
         config.model.remat = remat
-        temp["remat" if remat else "no_remat"] = step_temp_bytes(config, args.num_classes)
-    print(f"{args.model}, batch {args.batch_size}, {args.image_size}x{args.image_size}: "
-          f"temp {temp['no_remat'] / 2**20:.1f} MiB without remat, "
-          f"{temp['remat'] / 2**20:.1f} MiB with ({temp['remat'] / temp['no_remat']:.2f}x)")
+        name = "remat" if remat else "no_remat"
+        temp[name] = step_temp_bytes(config, args.num_classes)
+        kept[name] = kept_bytes(config, args.num_classes)
+    mib = lambda figures: (f"{figures['no_remat'] / 2**20:.1f} MiB without remat, "  # noqa: E731
+                           f"{figures['remat'] / 2**20:.1f} MiB with "
+                           f"({figures['remat'] / figures['no_remat']:.2f}x)")
+    print(f"{args.model}, batch {args.batch_size}, {args.image_size}x{args.image_size}, "
+          f"{jax.default_backend()}: compiled step's temp {mib(temp)}; kept for the backward "
+          f"pass {mib(kept)}")
     print(json.dumps({"model": args.model, "batch_size": args.batch_size,
-                      "image_size": args.image_size, "temp_bytes": temp}))
+                      "image_size": args.image_size, "backend": jax.default_backend(),
+                      "temp_bytes": temp, "kept_bytes": kept}))
 
 
 if __name__ == "__main__":
