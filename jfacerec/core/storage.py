@@ -69,10 +69,9 @@ def isdir(path: str | os.PathLike) -> bool:
 
 
 def makedirs(path: str | os.PathLike) -> None:
-    """Creates the folder and its parents (a no-op on object stores, which have no folders)."""
-    if is_remote(path):
-        epath_of(path).mkdir(parents=True, exist_ok=True)
-    else:
+    """Creates the folder and its parents (nothing on object stores, which have no folders: an
+    object's name holds its path)."""
+    if not is_remote(path):
         os.makedirs(path, exist_ok=True)
 
 

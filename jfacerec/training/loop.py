@@ -156,10 +156,10 @@ def train(config: ml_collections.ConfigDict, workdir: str,
     WorkdirLockedError at once. A refused run (a config that does not fit the checkpoint, no
     intact checkpoint) raises before anything in the workdir is written.
     """
-    storage.makedirs(workdir)
     if jax.process_index() == 0:
         # A missing bucket, no credentials, a read-only or rename-less file system: one line now.
         atomic.check_writable(workdir)
+    storage.makedirs(workdir)
     held = lock.exclusive(workdir) if jax.process_index() == 0 else contextlib.nullcontext()
     with held:
         return _train(config, workdir, validate if config.eval.every_steps else None)
