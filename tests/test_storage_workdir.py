@@ -198,3 +198,22 @@ def test_appending_metrics_on_gs_rewrites_the_object_whole(gcs):
                                                    {"step": 2, "loss": 0.5}]
     assert storage.listdir(workdir) == ["metrics.jsonl"]  # no temporary object is left
     json.loads(storage.read_text(f"{workdir}/metrics.jsonl").splitlines()[0])
+
+
+def test_a_damaged_checkpoint_on_gs_is_found_and_skipped(both):
+    """Last in this module: it damages the gs:// workdir's newest step, then mends it."""
+    import jfacerec
+    from jfacerec.core import storage
+    from jfacerec.core.checkpoint import DamagedCheckpointWarning
+
+    _, remote, _, _ = both
+    data = sorted(n for n in storage.files_under(f"{remote}/checkpoints/12") if "/d/" in n)[0]
+    target = storage.epath_of(f"{remote}/checkpoints/12/{data}")
+    saved = target.read_bytes()
+    target.write_bytes(bytes([saved[0] ^ 0xFF]) + saved[1:])  # a new object, one byte changed
+    try:
+        with pytest.warns(DamagedCheckpointWarning, match=f"checkpoints/12.*{data.split('/')[-1]}"):
+            assert jfacerec.load(remote).step == 6
+    finally:
+        target.write_bytes(saved)
+    assert jfacerec.load(remote).step == 12
