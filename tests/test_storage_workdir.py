@@ -53,21 +53,42 @@ def without_timing(records: list[dict]) -> list[dict]:
     return [{k: v for k, v in r.items() if k != "images_per_second"} for r in records]
 
 
+def local_run(workdir: str, faces, out) -> None:
+    """What the commands of `both` do, in this process, on a local workdir (the commands are
+    thin: each calls these)."""
+    import jfacerec
+    from jfacerec.data.folders import scan_identity_folders
+    from jfacerec.evaluation.evaluator import evaluate
+    from jfacerec.inference.gallery import enroll, query_files, write_matches
+    from jfacerec.training import train
+
+    config = tiny_config(total_steps=12, log_every_steps=4, checkpoint_every_steps=6,
+                         **{"optimizer.warmup_steps": 2})
+    train(config, workdir)
+    evaluate(config, workdir, [])
+    model = jfacerec.load(workdir)
+    gallery = enroll(model, scan_identity_folders(str(faces), strict=False))
+    gallery.save(str(out / "gallery.npz"))
+    files, ids = query_files(str(faces), strict=False)
+    write_matches(str(out / "matches.csv"), ids,
+                  model.identify(list(files.paths), gallery, threshold=None), 1)
+
+
 @pytest.fixture(scope="module")
 def both(gcs, tmp_path_factory):
-    """(local workdir, gs:// workdir, local tmp): the same run trained, evaluated and enrolled
-    in each, with a gallery and matches written beside each workdir."""
+    """(local workdir, gs:// workdir, local tmp, faces): the same run trained, evaluated and
+    enrolled in each, with a gallery and matches written beside each workdir: by the commands
+    on gs://, by the library calls they make on the local one."""
     tmp = tmp_path_factory.mktemp("storage")
     faces = make_tree(tmp / "faces", identities=3, per_identity=2, size=20)
     local, remote = str(tmp / "run"), f"{GS}/run"
-    outputs = {local: str(tmp), remote: GS}
-    for workdir, where in outputs.items():
-        ok(run("jfacerec.train", *TINY, "--workdir", workdir))
-        ok(run("jfacerec.evaluate", *TINY, "--workdir", workdir))
-        ok(run("jfacerec.gallery", "enroll", "--workdir", workdir, "--images", str(faces),
-               "--out", f"{where}/gallery.npz"))
-        ok(run("jfacerec.gallery", "identify", "--gallery", f"{where}/gallery.npz",
-               "--images", str(faces), "--out", f"{where}/matches.csv"))
+    ok(run("jfacerec.train", *TINY, "--workdir", remote))
+    ok(run("jfacerec.evaluate", *TINY, "--workdir", remote))
+    ok(run("jfacerec.gallery", "enroll", "--workdir", remote, "--images", str(faces),
+           "--out", f"{GS}/gallery.npz"))
+    ok(run("jfacerec.gallery", "identify", "--gallery", f"{GS}/gallery.npz",
+           "--images", str(faces), "--out", f"{GS}/matches.csv"))
+    local_run(local, faces, tmp)
     return local, remote, tmp, faces
 
 
