@@ -16,7 +16,8 @@ import errno
 import io
 import os
 import posixpath
-from typing import IO, Iterator
+import shutil
+from typing import IO
 
 from etils import epath
 
@@ -149,7 +150,6 @@ def rmtree(path: str | os.PathLike) -> None:
     if is_remote(path):
         epath_of(path).rmtree()
     else:
-        import shutil
         shutil.rmtree(path)
 
 
@@ -183,14 +183,3 @@ def check_credentials(path: str | os.PathLike) -> None:
         raise ValueError(f"cannot use {os.fspath(path)}: no Google Cloud credentials ({reason}); "
                          f"run gcloud auth application-default login, or use a VM whose service "
                          f"account may write to the bucket") from None
-
-
-def walk_names(root: str | os.PathLike) -> Iterator[tuple[str, list[str], list[str]]]:
-    """os.walk for local roots and object stores alike: (folder, subfolder names, file names)."""
-    if not is_remote(root):
-        yield from os.walk(root)
-        return
-    scheme = os.fspath(root).split("://")[0] + "://"
-    for folder, dirs, names in epath_of(root).walk():
-        folder = str(folder)  # gcsfs gives "bucket/path": the scheme is put back
-        yield (folder if folder.startswith(scheme) else scheme + folder), sorted(dirs), sorted(names)
