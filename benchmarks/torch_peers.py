@@ -5,12 +5,14 @@ and its train step. Imported only when the torch side runs, so that the JAX side
 
 from __future__ import annotations
 
+import math
 from typing import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from jfacerec.losses.objectives import Objective
 from jfacerec.models import layers
 
 
@@ -65,9 +67,13 @@ class ResNetTiny(nn.Module):
         self.proj = nn.Linear(widths[-1], embedding_dim)
         self.classifier = nn.Linear(embedding_dim, classes)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def embed(self, x: torch.Tensor) -> torch.Tensor:
+        """[batch, 3, H, W] -> embeddings [batch, embedding_dim]."""
         x = self.blocks(F.relu(self.stem_norm(self.stem(x))))
-        return self.classifier(self.proj(x.mean((2, 3))))
+        return self.proj(x.mean((2, 3)))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classifier(self.embed(x))
 
 
 class IBasicBlock(nn.Module):
@@ -110,10 +116,13 @@ class IResNet(nn.Module):
         self.features = embedding_norm(norm_kind, embedding_dim)
         self.classifier = nn.Linear(embedding_dim, classes)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def embed(self, x: torch.Tensor) -> torch.Tensor:
+        """[batch, 3, H, W] -> embeddings [batch, embedding_dim]."""
         x = self.blocks(self.prelu(self.bn1(self.conv1(x))))
-        x = self.bn2(x).flatten(1)
-        return self.classifier(self.features(self.fc(x)))
+        return self.features(self.fc(self.bn2(x).flatten(1)))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classifier(self.embed(x))
 
 
 class ConvNorm(nn.Sequential):
@@ -163,31 +172,111 @@ class MobileFaceNet(nn.Module):
         self.features = embedding_norm(norm_kind, embedding_dim)
         self.classifier = nn.Linear(embedding_dim, classes)
 
+    def embed(self, x: torch.Tensor) -> torch.Tensor:
+        """[batch, 3, H, W] -> embeddings [batch, embedding_dim]."""
+        return self.features(self.fc(self.body(x).flatten(1)))
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.classifier(self.features(self.fc(self.body(x).flatten(1))))
+        return self.classifier(self.embed(x))
+
+
+class CosineClassifier(nn.Module):
+    """jfacerec.models.heads.CosineClassifier before its scale: cos(theta) [batch, classes]
+    between the embeddings [batch, dim] and the class weights [classes, dim], both normalised; no
+    bias. The weights start as jfacerec's (lecun normal, rows of about unit norm): the step on a
+    normalised weight scales with 1 / |w|, so torch's default Linear start (|w| about 0.58) would
+    train the head faster than jfacerec's."""
+
+    def __init__(self, dim: int, classes: int):
+        super().__init__()
+        # flax's lecun_normal: a normal truncated at 2 std, rescaled to variance 1 / fan_in.
+        std = 1.0 / math.sqrt(dim) / 0.87962566103423978
+        self.weight = nn.Parameter(nn.init.trunc_normal_(torch.empty(classes, dim), std=std,
+                                                         a=-2 * std, b=2 * std))
+
+    def forward(self, embeddings: torch.Tensor) -> torch.Tensor:
+        return F.normalize(embeddings, dim=1) @ F.normalize(self.weight, dim=1).T
 
 
 def torch_model(config, classes: int) -> nn.Module:
+    """The peer of `models.from_config(config, classes)`: its backbone and embedding, and the head
+    its loss needs (a linear classifier for softmax, a CosineClassifier for a margin loss)."""
     m = config.model
     if m.width_multiplier != 1.0 or m.dropout or m.get("dropblock", 0.0):
-        raise ValueError("the torch peers are written for width 1 without dropout or DropBlock")
+        raise ValueError("the torch peers are written for width 1 without dropout or DropBlock; "
+                         "set model.width_multiplier=1.0, model.dropout=0, model.dropblock=0")
     if m.name == "resnet_tiny":
-        return ResNetTiny([24, 48, 96, 192], m.embedding_dim, classes, m.norm, m.norm_groups)
-    if m.name == "iresnet18":
-        return IResNet([2, 2, 2, 2], [64, 128, 256, 512], m.embedding_dim, classes,
-                       config.image_size, m.norm, m.norm_groups)
-    if m.name == "mobilefacenet":
-        return MobileFaceNet([1, 4, 6, 2], m.embedding_dim, classes, config.image_size, m.norm,
-                             m.norm_groups)
-    raise ValueError(f"no torch peer for {m.name!r}")
+        model = ResNetTiny([24, 48, 96, 192], m.embedding_dim, classes, m.norm, m.norm_groups)
+    elif m.name == "iresnet18":
+        model = IResNet([2, 2, 2, 2], [64, 128, 256, 512], m.embedding_dim, classes,
+                        config.image_size, m.norm, m.norm_groups)
+    elif m.name == "mobilefacenet":
+        model = MobileFaceNet([1, 4, 6, 2], m.embedding_dim, classes, config.image_size, m.norm,
+                              m.norm_groups)
+    else:
+        raise ValueError(f"no torch peer for {m.name!r}")
+    if Objective.from_config(config).head[0] == "cosine":
+        model.classifier = CosineClassifier(m.embedding_dim, classes)
+    return model
+
+
+# jfacerec.losses.functions' clip of cos away from +-1 before arccos (a finite gradient).
+_ARCCOS_EPS = 1e-6
+
+
+def arcface_target(cos_y: torch.Tensor, margin: float) -> torch.Tensor:
+    """jfacerec.losses.functions.arcface_target: cos(theta + m) while theta + m <= pi, else
+    cos(theta) - m sin(m); differentiated through arccos, as jfacerec does. [batch] -> [batch]."""
+    c = cos_y.clamp(-1.0 + _ARCCOS_EPS, 1.0 - _ARCCOS_EPS)
+    theta = torch.acos(c)
+    return torch.where(theta + margin <= math.pi, torch.cos(theta + margin),
+                       c - margin * math.sin(margin))
+
+
+def cosface_target(cos_y: torch.Tensor, margin: float) -> torch.Tensor:
+    """jfacerec.losses.functions.cosface_target: cos(theta_y) - m. [batch] -> [batch]."""
+    return cos_y - margin
+
+
+MARGIN_TARGETS = {"arcface": arcface_target, "cosface": cosface_target}
+LOSSES = ("softmax", *MARGIN_TARGETS)
+
+
+def torch_loss(config) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+    """(the model's output [batch, classes], labels int64 [batch]) -> the batch's mean loss, as
+    jfacerec.losses.objectives computes the config's loss: softmax cross-entropy of the logits,
+    or a margin loss on the cosines (the label's cosine replaced by its margin target, all times
+    the scale); both with the term's label smoothing (1 - eps on the label, eps / classes
+    everywhere: optax.smooth_labels and torch's label_smoothing alike)."""
+    terms = Objective.from_config(config).terms
+    if len(terms) != 1 or terms[0][0] != 1.0 or terms[0][1] not in LOSSES:
+        raise ValueError(f"the torch peer trains one unweighted loss of {', '.join(LOSSES)}; "
+                         f"loss.name is {config.loss.name!r}")
+    if config.loss.sample_rate != 1.0:
+        raise ValueError("the torch peer computes every class's logit; set loss.sample_rate=1.0")
+    _, name, options = terms[0]
+    smoothing = options["label_smoothing"]
+    if name == "softmax":
+        return lambda logits, labels: F.cross_entropy(logits, labels, label_smoothing=smoothing)
+    target, scale, margin = MARGIN_TARGETS[name], options["scale"], options["margin"]
+
+    def margin_loss(cos: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        rows = labels[:, None]
+        logits = cos.scatter(1, rows, target(cos.gather(1, rows)[:, 0], margin)[:, None])
+        return F.cross_entropy(scale * logits, labels, label_smoothing=smoothing)
+
+    return margin_loss
 
 
 def torch_optimizer(model: nn.Module, config) -> torch.optim.Optimizer:
     """training.make_optimizer's SGD: weight decay added to the gradient of kernels (ndim > 1)
-    only, then Nesterov momentum. The learning rate is held constant (its value costs nothing)."""
+    only, then Nesterov momentum. The learning rate is the schedule's peak: a caller that follows
+    the schedule sets each group's "lr" before each step."""
     o = config.optimizer
-    if o.name != "sgd" or o.grad_clip_norm:
-        raise ValueError("the torch peer mirrors SGD without gradient clipping")
+    if o.name != "sgd" or o.grad_clip_norm or o.backbone_multiplier != 1.0:
+        raise ValueError("the torch peer mirrors SGD without gradient clipping or a backbone "
+                         "multiplier; set optimizer.name=sgd, grad_clip_norm=0, "
+                         "backbone_multiplier=1")
     params = list(model.parameters())
     groups = [{"params": [p for p in params if p.ndim > 1], "weight_decay": o.weight_decay},
               {"params": [p for p in params if p.ndim <= 1], "weight_decay": 0.0}]
