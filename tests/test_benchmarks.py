@@ -12,7 +12,7 @@ import os
 import subprocess
 import sys
 
-from conftest import REPO, load_config, needs_lfw
+from conftest import LFW, REPO, load_config, needs_lfw
 from jfacerec import models
 from jfacerec.models import summary
 
@@ -90,3 +90,36 @@ def test_packed_benchmark_runs_on_lfw():
     result = run_benchmark("packed.py", "--records", "64", "--repeats", "1")
     assert result["records"] == 64
     assert all(rate > 0 for rate in result["rates"].values())
+
+
+@needs_lfw
+def test_time_to_accuracy_benchmark_snapshots_both_sides_within_the_budget(tmp_path):
+    # 40 of View 1's pairs (scored in a second), training on the people with 20 images or more.
+    with open(os.path.join(os.path.dirname(LFW), "pairsDevTest.txt")) as f:
+        lines = f.read().splitlines()
+    pairs = tmp_path / "pairs.txt"
+    pairs.write_text("\n".join(["20", *lines[1:21], *lines[501:521]]) + "\n")
+    minutes = (0.05, 0.1)
+    result = run_benchmark(
+        "time_to_accuracy.py", "--config", "configs/lfw.py:runlocal",
+        "--minutes", ",".join(map(str, minutes)), "--out-dir", str(tmp_path / "out"),
+        *[arg for item in ("image_size=16", "model.width_multiplier=1.0", "dataset.min_images=20",
+                           "dataset.check=False", f"dataset.pairs={pairs}")
+          for arg in ("--set", item)])
+    sides = ("jfacerec", "torch")
+    keys = [str(m) for m in minutes]
+    assert list(result["accuracy"]) == keys and list(result["elapsed_seconds"]) == keys
+    for side in sides:
+        assert result["steps"][side] > 0 and result["images_per_second"][side] > 0
+        elapsed = [result["elapsed_seconds"][k][side] for k in keys]
+        # jfacerec's clock holds its compilation: seconds beyond the budget on a busy machine.
+        assert 0 < elapsed[0] < elapsed[1] < 60 * minutes[-1] + 120
+        steps = [result["snapshot_steps"][k][side] for k in keys]
+        assert steps == [result["steps"][side] // 2, result["steps"][side]]
+        for key in keys:
+            for figure in ("accuracy", "auc", "tar@far=1e-3"):
+                assert 0.0 <= result[figure][key][side] <= 1.0
+    assert len(result["load"]["before"]) == len(result["load"]["after"]) == 3
+    assert result["machine"]["cpu_count"] > 0
+    saved = json.loads((tmp_path / "out" / "time_to_accuracy.json").read_text())
+    assert saved == result and (tmp_path / "out" / "time_to_accuracy.png").stat().st_size > 0
