@@ -205,7 +205,6 @@ def run_jfacerec(config, dataset: FaceDataset, schedule: Plan, out_dir: str) -> 
     interval = c.total_steps // schedule.parts
     c.checkpoint_every_steps = c.eval.every_steps = interval
     c.keep_checkpoints = schedule.parts
-    c.log_every_steps = min(c.log_every_steps, interval)
     workdir = os.path.join(out_dir, "jfacerec")
     start = time.perf_counter()
     with prepared(dataset):
@@ -219,7 +218,8 @@ def run_jfacerec(config, dataset: FaceDataset, schedule: Plan, out_dir: str) -> 
             "elapsed_seconds": [clock[s] for s in steps]}
 
 
-def jfacerec_embedder(workdir: str, step: int, batch_size: int) -> Callable[[list[str]], np.ndarray]:
+def jfacerec_embedder(workdir: str, step: int,
+                      batch_size: int) -> Callable[[list[str]], np.ndarray]:
     """paths -> unit embeddings [n, dim] of checkpoint `step`, as jfacerec.load gives them."""
     recognizer = load(workdir, step=step, batch_size=batch_size)
     return lambda paths: recognizer.embed_files(paths, desc=f"step {step}")
@@ -381,7 +381,8 @@ def table(result: dict) -> str:
              "| --- " * (1 + len(sides) + (len(sides) == 2)) + "|"]
     for key, row in result["accuracy"].items():
         cells = [f"{row[s]:.4f} ({result['elapsed_seconds'][key][s]:.0f})" for s in sides]
-        ratio = [f"{row['jfacerec'] / row['torch']:.3f}"] if len(sides) == 2 else []
+        ratio = ([f"{row['jfacerec'] / row['torch']:.3f}" if row["torch"] else "-"]
+                 if len(sides) == 2 else [])
         lines.append(f"| {key} | " + " | ".join(cells + ratio) + " |")
     return "\n".join(lines)
 
