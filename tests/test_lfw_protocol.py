@@ -24,6 +24,8 @@ def test_lfw_protocol_on_two_view2_folds(tmp_path):
     config = load_config("lfw.py:runlocal")
     config.update(image_size=16, total_steps=4, checkpoint_every_steps=4, num_devices=1)
     config.dataset.update(root=LFW, pairs=str(pairs), min_images=3)
+    # the learning curve: each fold validated on its own pairs during its training
+    config.eval.update(every_steps=2, sets="pairs", folds=4)
     results = lfw.run(config, str(tmp_path / "w"), folds=[0, 1])
     assert [f["fold"] for f in results["per_fold"]] == [0, 1]
     assert all(f["num_pairs"] == 4 for f in results["per_fold"])
@@ -37,3 +39,12 @@ def test_lfw_protocol_on_two_view2_folds(tmp_path):
         trained_on = json.loads((tmp_path / "w" / f"fold_{fold:02d}" / "identities.json")
                                 .read_text())
         assert not set(names) & set(trained_on)
+    # Its last validation is the protocol's scoring of the same model on the same pairs.
+    for fold in results["per_fold"]:
+        fold_dir = tmp_path / "w" / f"fold_{fold['fold']:02d}"
+        records = [json.loads(line) for line in (fold_dir / "metrics.jsonl").read_text()
+                   .splitlines()]
+        curve = [(r["step"], r["val/pairs/auc"]) for r in records if "val/pairs/auc" in r]
+        assert [step for step, _ in curve] == [2, 4]
+        assert curve[-1][1] == pytest.approx(fold["auc"], abs=1e-6)
+        assert os.path.getsize(fold_dir / "validation.png") > 1000

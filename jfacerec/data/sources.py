@@ -192,15 +192,34 @@ def hw2p2_dataset(d: ml_collections.ConfigDict, image_size: int) -> FaceDataset:
                        make(dev) if dev is not None else None, unseen, train.names)
 
 
-def lfw_identities_in_pairs(path: str, fold: int = -1) -> set[str]:
-    """The people in a pairs file's fold (every fold when `fold` is -1)."""
+def _pairs_of_fold(path: str, fold: int) -> list:
+    """The LfwPairs of a pairs file's fold (every fold when `fold` is -1)."""
     from jfacerec.data.pairs import read_lfw_pairs
 
     folds = read_lfw_pairs(path)
     if not -1 <= fold < len(folds):
         raise ValueError(f"{path} has {len(folds)} folds; fold {fold} does not exist")
-    chosen = folds if fold == -1 else [folds[fold]]
-    return {name for pairs in chosen for pair in pairs for name in pair.names}
+    return [pair for pairs in (folds if fold == -1 else [folds[fold]]) for pair in pairs]
+
+
+def lfw_identities_in_pairs(path: str, fold: int = -1) -> set[str]:
+    """The people in a pairs file's fold (every fold when `fold` is -1)."""
+    return {name for pair in _pairs_of_fold(path, fold) for name in pair.names}
+
+
+def lfw_pair_images(d: ml_collections.ConfigDict, image_size: int
+                    ) -> tuple[ImageFileSource, np.ndarray, np.ndarray, np.ndarray]:
+    """The pairs of fold `d.fold` of the pairs file `d.pairs` (every fold when -1) under the LFW
+    tree `d.root`: (their distinct images, decoded as the training images are; first and second
+    int64 [pairs] indices into it; same bool [pairs])."""
+    pairs = _pairs_of_fold(d.pairs, d.fold)
+    paths = [path for pair in pairs for path in pair.paths(storage.absolute(d.root))]
+    unique = sorted(set(paths))
+    position = {path: i for i, path in enumerate(unique)}
+    index = np.array([position[path] for path in paths], np.int64)
+    files = ImageFiles(d.root, ("pairs",), tuple(unique), np.zeros(len(unique), np.int32))
+    return (ImageFileSource(files, **_decoding(d, image_size)), index[0::2], index[1::2],
+            np.array([pair.same for pair in pairs]))
 
 
 def lfw_dataset(d: ml_collections.ConfigDict, image_size: int) -> FaceDataset:

@@ -4,6 +4,9 @@
 The LFW pairs protocol, unrestricted with labelled outside data drawn from LFW itself: for each
 fold of the pairs file, train on every image of the people who do not appear in that fold's pairs
 (W/fold_XX, resumable), then score the fold's pairs by the cosine of flip-averaged embeddings.
+With `eval.every_steps` and `eval.sets=pairs`, each fold's training also validates on the fold's
+pairs (its learning curve, W/fold_XX/validation.png beside training.png); the fold's newest checkpoint is scored, never
+the best by validation, which would choose a step on the test pairs.
 
 Accuracy per fold uses a threshold chosen on the other evaluated folds (the standard protocol);
 with a single fold (View 1's pairsDevTest.txt, or one View 2 fold) it is chosen by 10-fold
@@ -22,7 +25,7 @@ from absl import app, flags
 
 from jfacerec import metrics
 from jfacerec.data.pairs import LfwPair, read_lfw_pairs
-from jfacerec.evaluation import plots, protocols
+from jfacerec.evaluation import plots, protocols, validation
 from jfacerec.inference.recognizer import load
 from jfacerec.core import cli, storage
 from jfacerec.core.atomic import atomic_open
@@ -66,7 +69,8 @@ def run(config, workdir: str, folds: list[int] | None = None) -> dict:
         fold_config.dataset.fold = fold
         fold_dir = storage.join(workdir, f"fold_{fold:02d}")
         start = time.time()
-        train(fold_config, fold_dir)
+        train(fold_config, fold_dir, validation.from_config(fold_config))
+        plots.training_curves(fold_dir)
         pairs = all_folds[fold]
         scores.append(score_pairs(fold_dir, pairs, config.dataset.root))
         same.append(np.array([p.same for p in pairs]))

@@ -6,9 +6,11 @@
 
 `config.eval.sets` is comma-separated: "unseen" (the dataset's unseen identities, in pairs drawn as
 the evaluator draws them: `protocols.make_pairs` with the config's seed, so every step is measured
-on the same pairs) and/or `.bin` verification files (insightface's lfw.bin, cfp_fp.bin, ...). Each
-set gives `val/<set>/<metric>`, `<set>` being "unseen" or the file name without `.bin`, for the
-metrics accuracy (k-fold), accuracy_std, auc, eer and tar@far=1e-3. The best checkpoint is picked
+on the same pairs), "pairs" (the pairs of the dataset's LFW pairs file `dataset.pairs`, its fold
+`dataset.fold`: the pairs the LFW protocol scores, for its learning curve) and/or `.bin`
+verification files (insightface's lfw.bin, cfp_fp.bin, ...). Each set gives `val/<set>/<metric>`,
+`<set>` being "unseen", "pairs" or the file name without `.bin`, for the metrics accuracy (k-fold),
+accuracy_std, auc, eer and tar@far=1e-3. The best checkpoint is picked
 by `config.eval.best_metric` ("SET/METRIC"; "": the first set's accuracy).
 
 Validation reads the variables and nothing else of the training: no random stream, no batch, no
@@ -30,11 +32,13 @@ from tqdm.auto import tqdm
 from jfacerec import models
 from jfacerec.core import parallel, storage
 from jfacerec.data import pipeline, sources
+from jfacerec.data.records import labels_of
 from jfacerec.evaluation import protocols
 from jfacerec.evaluation.evaluator import cosine_of_pairs, verification_metrics
 from jfacerec.inference.restore import make_features_fn, to_host
 
 UNSEEN = "unseen"
+PAIRS = "pairs"
 METRICS = ("accuracy", "accuracy_std", "auc", "eer", "tar@far=1e-3")
 LOWER_IS_BETTER = frozenset({"accuracy_std", "eer"})
 
@@ -59,13 +63,14 @@ class Validation:
 
 
 def set_name(spec: str) -> str:
-    """"unseen", or a .bin file's name without `.bin`."""
-    return UNSEEN if spec == UNSEEN else spec.rstrip("/").rsplit("/", 1)[-1].removesuffix(".bin")
+    """"unseen", "pairs", or a .bin file's name without `.bin`."""
+    return spec if spec in (UNSEEN, PAIRS) else spec.rstrip("/").rsplit("/", 1)[-1].removesuffix(".bin")
 
 
 def set_specs(config: ml_collections.ConfigDict) -> list[str]:
-    """The entries of `config.eval.sets`, checked: "unseen" or existing `.bin` files, with
-    distinct names. ValueError/FileNotFoundError naming the entry and the fix."""
+    """The entries of `config.eval.sets`, checked: "unseen", "pairs" (with a `dataset.pairs`
+    file) or existing `.bin` files, with distinct names. ValueError/FileNotFoundError naming the
+    entry and the fix."""
     specs = [s.strip() for s in config.eval.sets.split(",") if s.strip()]
     if not specs:
         raise ValueError(f"eval.every_steps is {config.eval.every_steps} but eval.sets is empty; "
@@ -73,8 +78,14 @@ def set_specs(config: ml_collections.ConfigDict) -> list[str]:
     for spec in specs:
         if spec == UNSEEN:
             continue
+        if spec == PAIRS:
+            if not config.dataset.pairs:
+                raise ValueError(f"eval.sets names {PAIRS!r} but dataset.pairs is empty; give "
+                                 f"--config.dataset.pairs=PAIRS_FILE (LFW's pairsDevTest.txt)")
+            continue
         if not spec.endswith(".bin"):
-            raise ValueError(f"eval.sets entry {spec!r} is neither 'unseen' nor a .bin file")
+            raise ValueError(f"eval.sets entry {spec!r} is neither 'unseen', 'pairs' nor a .bin "
+                             f"file")
         if not storage.isfile(spec):
             raise FileNotFoundError(f"{spec}: no such .bin file (eval.sets)")
     names = [set_name(s) for s in specs]
@@ -122,6 +133,39 @@ def _batch_size(config: ml_collections.ConfigDict, multiple: int) -> int:
     return -(-config.eval.batch_size // multiple) * multiple
 
 
+def _embedder(config: ml_collections.ConfigDict, source: Any, desc: str
+              ) -> Callable[[Variables], np.ndarray]:
+    """variables -> the unit-norm embeddings float32 [len(source), d] of `source`'s images, in
+    order (as the evaluator embeds: each image plus, with `eval.flip`, its mirror image)."""
+    features, multiple = _features_on_mesh(config)
+    batch_size = _batch_size(config, multiple)
+
+    def embed(variables: Variables) -> np.ndarray:
+        out = []
+        with tqdm(total=len(source), desc=f"validation {desc}", unit="img", leave=False,
+                  disable=jax.process_index() != 0) as bar:
+            for batch in pipeline.eval_batches(source, batch_size=batch_size,
+                                               image_size=config.image_size):
+                n = len(batch["label"])
+                images = np.pad(batch["image"], ((0, batch_size - n), (0, 0), (0, 0), (0, 0)))
+                e = features(variables, images)
+                if config.eval.flip:
+                    e = e + features(variables, np.ascontiguousarray(images[:, :, ::-1]))
+                out.append(e[:n])
+                bar.update(n)
+        e = np.concatenate(out)
+        return e / np.maximum(np.linalg.norm(e, axis=-1, keepdims=True), 1e-12)
+
+    return embed
+
+
+def _pair_figures(config: ml_collections.ConfigDict, embeddings: np.ndarray, first: np.ndarray,
+                  second: np.ndarray, same: np.ndarray) -> dict[str, float]:
+    figures = verification_metrics(cosine_of_pairs(embeddings, first, second), same,
+                                   config.eval.folds)
+    return {metric: figures[f"verification/{metric}"] for metric in METRICS}
+
+
 def unseen_measure(config: ml_collections.ConfigDict) -> Measure:
     """The verification figures on the dataset's unseen identities (as the evaluator measures
     them: unit-norm embeddings of each image plus its mirror image, `eval.num_pairs` pairs,
@@ -130,39 +174,19 @@ def unseen_measure(config: ml_collections.ConfigDict) -> Measure:
     if dataset.unseen is None:
         raise ValueError(f"eval.sets names {UNSEEN!r} but the dataset {config.dataset.name!r} has "
                          f"no unseen identities; give .bin files in --config.eval.sets instead")
-    features, multiple = _features_on_mesh(config)
-    batch_size = _batch_size(config, multiple)
-    pairs: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []  # drawn once: labels are fixed
+    embed = _embedder(config, dataset.unseen, UNSEEN)
+    # labels are fixed, so the pairs are drawn once, as the evaluator draws them
+    pairs = protocols.make_pairs(labels_of(dataset.unseen), config.eval.num_pairs, seed=config.seed)
+    return lambda variables: _pair_figures(config, embed(variables), *pairs)
 
-    def embed(variables: Variables) -> tuple[np.ndarray, np.ndarray]:
-        """(unit-norm embeddings [n, d], labels [n]) of the unseen images, in order."""
-        out, labels = [], []
-        with tqdm(total=len(dataset.unseen), desc=f"validation {UNSEEN}", unit="img",
-                  leave=False, disable=jax.process_index() != 0) as bar:
-            for batch in pipeline.eval_batches(dataset.unseen, batch_size=batch_size,
-                                               image_size=config.image_size):
-                n = len(batch["label"])
-                images = np.pad(batch["image"], ((0, batch_size - n), (0, 0), (0, 0), (0, 0)))
-                e = features(variables, images)
-                if config.eval.flip:
-                    e = e + features(variables, np.ascontiguousarray(images[:, :, ::-1]))
-                out.append(e[:n])
-                labels.append(batch["label"])
-                bar.update(n)
-        e = np.concatenate(out)
-        return e / np.maximum(np.linalg.norm(e, axis=-1, keepdims=True), 1e-12), \
-            np.concatenate(labels)
 
-    def measure(variables: Variables) -> dict[str, float]:
-        embeddings, labels = embed(variables)
-        if not pairs:
-            pairs.append(protocols.make_pairs(labels, config.eval.num_pairs, seed=config.seed))
-        first, second, same = pairs[0]
-        figures = verification_metrics(cosine_of_pairs(embeddings, first, second), same,
-                                       config.eval.folds)
-        return {metric: figures[f"verification/{metric}"] for metric in METRICS}
-
-    return measure
+def pairs_measure(config: ml_collections.ConfigDict) -> Measure:
+    """The verification figures on the pairs of `dataset.pairs` (fold `dataset.fold`; every fold
+    when -1): the pairs that jfacerec.evaluation.lfw scores, embedded as it embeds them, accuracy
+    by `eval.folds`-fold cross-validation (the protocol's rule for one fold)."""
+    source, first, second, same = sources.lfw_pair_images(config.dataset, config.image_size)
+    embed = _embedder(config, source, PAIRS)
+    return lambda variables: _pair_figures(config, embed(variables), first, second, same)
 
 
 def bin_measure(config: ml_collections.ConfigDict, path: str) -> Measure:
@@ -195,6 +219,7 @@ def from_config(config: ml_collections.ConfigDict) -> Validation | None:
     specs = set_specs(config)
     names = [set_name(s) for s in specs]
     key, higher = best_metric(config, names)
-    measures = {set_name(s): unseen_measure(config) if s == UNSEEN else bin_measure(config, s)
+    build = {UNSEEN: unseen_measure, PAIRS: pairs_measure}
+    measures = {set_name(s): build[s](config) if s in build else bin_measure(config, s)
                 for s in specs}
     return Validation(measures, key, higher)
