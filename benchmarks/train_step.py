@@ -6,7 +6,7 @@ python benchmarks/train_step.py [--models resnet_tiny,iresnet18,mobilefacenet] [
 
 For each backbone: jfacerec's real train step (`jfacerec.training`: models.from_config, make_optimizer,
 init_state, make_train_step, jitted with the state donated as `train` does) on its config
-(configs/demo.py for resnet_tiny, configs/zoo.py for the others), against an nn.Module in
+(the base config for resnet_tiny, configs/zoo.py for the others), against an nn.Module in
 benchmarks/torch_peers.py with the same layers, widths, norms, classifier, loss (softmax
 cross-entropy, same label smoothing) and optimizer (SGD, same momentum, Nesterov and weight
 decay on kernels only), in PyTorch's default NCHW layout and in channels_last. Ours runs as
@@ -76,9 +76,10 @@ VARIANT_BUDGET_S = 120.0
 # ---- configs and the steps -----------------------------------------------------------------------
 
 def get_config(name: str, batch: int, dtype: str):
-    """The backbone's config (the demo's for resnet_tiny, the zoo's for the others)."""
-    spec = "demo.py" if name == "resnet_tiny" else f"zoo.py:{name}"
-    config = config_base.load(os.path.join(REPO, "configs", spec))
+    """The backbone's config (the base config's for resnet_tiny: the demo network without the
+    demo recipe's moving average, which the torch peer lacks; the zoo's for the others)."""
+    config = (config_base.base_config() if name == "resnet_tiny" else
+              config_base.load(os.path.join(REPO, "configs", f"zoo.py:{name}")))
     config.batch_size = batch
     config.dtype = dtype
     config.num_devices = 1

@@ -12,20 +12,19 @@ import ml_collections
 
 from jfacerec.core import config_base
 
-demo = config_base.sibling(__file__, "demo")
-
-
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     variant = config_base.parse_arg(arg, __file__)
-    c = demo.get_config()
+    c = config_base.base_config()
     lfw = os.path.join(os.environ.get("JFACEREC_DATA", os.path.join("..", "shared", "data")), "lfw")
     c.image_size = 48
     c.batch_size = 128
-    c.total_steps = 2000
-    c.checkpoint_every_steps = 500
+    c.total_steps = 2500
+    c.checkpoint_every_steps = 1000
     c.log_every_steps = 50
     c.model.update(name="resnet_tiny", embedding_dim=128, norm="batch", dropout=0.0)
-    c.loss.name = "softmax"
+    c.loss.name = "cosface"
+    c.loss.cosface.update(scale=32.0, margin=0.35)
+    c.ema.decay = 0.999
     c.optimizer.update(learning_rate=0.1, warmup_steps=200)
     c.dataset = config_base.dataset(
         name="lfw", root=os.path.join(lfw, "lfw-deepfunneled"),
@@ -35,7 +34,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         crop_fraction=0.5, check=True, strict=False, cache=True)
     c.input.augment.update(flip=True, min_scale=0.8, max_aspect_change=0.1, brightness=0.2,
                            contrast=0.2, saturation=0.2)
-    c.eval.update(batch_size=256, flip=True)
+    # the learning curve: the fold's pairs every 500 steps (W/fold_XX/validation.png); the
+    # protocol scores the last step, never the best one
+    c.eval.update(batch_size=256, flip=True, every_steps=500, sets="pairs")
 
     if "runlocal" in variant:
         c.image_size = 32
@@ -44,4 +45,5 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         c.log_every_steps = 5
         c.checkpoint_every_steps = 10
         c.model.width_multiplier = 0.25
+        c.eval.every_steps = 0
     return c

@@ -12,12 +12,9 @@ import ml_collections
 
 from jfacerec.core import config_base
 
-demo = config_base.sibling(__file__, "demo")
-
-
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     variant = config_base.parse_arg(arg, __file__)
-    c = demo.get_config()
+    c = config_base.base_config()
     data = os.environ.get("JFACEREC_DATA", os.path.join("..", "shared", "data"))
     c.image_size = 32
     c.batch_size = 64

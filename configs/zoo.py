@@ -13,8 +13,6 @@ import ml_collections
 
 from jfacerec.core import config_base
 
-demo = config_base.sibling(__file__, "demo")
-
 # (input size, default norm, optimizer, learning rate) per backbone.
 BACKBONES = {
     "resnet_tiny": (32, "group", "sgd", 0.1),
@@ -36,7 +34,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     variant = config_base.parse_arg(arg, __file__, choices=BACKBONES, default="iresnet50")
     name = variant.choice
     image_size, norm, optimizer, lr = BACKBONES[name]
-    c = demo.get_config()
+    c = config_base.base_config()
     c.model.update(name=name, norm=norm, embedding_dim=512, dropblock=0.0)
     c.image_size = image_size
     c.optimizer.update(name=optimizer, learning_rate=lr,

@@ -12,8 +12,9 @@ import os
 import subprocess
 import sys
 
-from conftest import LFW, REPO, load_config, needs_lfw
+from conftest import LFW, REPO, needs_lfw
 from jfacerec import models
+from jfacerec.core import config_base
 from jfacerec.models import summary
 
 
@@ -47,14 +48,14 @@ def test_train_step_benchmark_times_our_variants_without_torch():
     result = run_benchmark("train_step.py", "--quick", "--models", "resnet_tiny", "--sides", "jax")
     assert "torch" not in result["machine"]
     r = result["results"]["resnet_tiny"]
-    assert r["parameters"] == 728_156  # the demo's network, the count its torch peer matches
+    assert r["parameters"] == 728_156  # the base config's network, the count its torch peer matches
     variants = ("ours", "default_xla_options", "lax_convs_default_xla_options")
     for v in variants:
         rate = r[f"jax_{v}_images_per_s"]
         assert rate > 0 and f"ratio_jax_{v}_to_torch_best" not in r
         assert r[f"jax_{v}_mfu"] == r["flops_per_image"] * rate / result["peak_flops"]
     # The step's FLOPs (forward, backward, update) from XLA against one forward pass.
-    config = load_config("demo.py")
+    config = config_base.base_config()
     forward = summary.totals(models.from_config(config, config.dataset.num_identities),
                              config.image_size)["flops"]
     assert 2.0 < r["flops_per_image"] / forward < 3.5

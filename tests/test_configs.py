@@ -17,6 +17,7 @@ from jfacerec.core import config_base
 from jfacerec.data import sources
 
 CONFIG_DIR = os.path.join(REPO, "configs")
+DEMO_IDENTITIES, DEMO_IMAGES = 800, 20
 CONFIGS = sorted(f for f in os.listdir(CONFIG_DIR) if f.endswith(".py") and f != "__init__.py")
 
 
@@ -127,8 +128,26 @@ def test_every_config_is_built_on_the_base_and_has_all_of_its_keys():
         assert not base - keys(config.to_dict()), name
 
 
-def test_the_demo_is_the_base_config():
-    assert config_base.load(f"{CONFIG_DIR}/demo.py") == config_base.base_config()
+def test_the_demo_is_the_base_config_with_its_recipe():
+    def flat(d, prefix=""):
+        out = {}
+        for k, v in d.items():
+            out.update(flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {prefix + k: v})
+        return out
+
+    base = flat(config_base.base_config().to_dict())
+    demo = flat(config_base.load(f"{CONFIG_DIR}/demo.py").to_dict())
+    assert demo.keys() == base.keys()
+    changed = {k: demo[k] for k in demo if demo[k] != base[k]}
+    assert changed == {"total_steps": 2500, "optimizer.warmup_steps": 200, "model.norm": "batch",
+                       "ema.decay": 0.999, "dataset.num_identities": DEMO_IDENTITIES,
+                       "dataset.train_images": DEMO_IMAGES}
+    # its smoke test is the base's, shrunk: the tests' configs build on it
+    smoke = flat(config_base.load(f"{CONFIG_DIR}/demo.py:runlocal").to_dict())
+    assert {k for k in smoke if smoke[k] != base[k]} == {
+        "total_steps", "log_every_steps", "checkpoint_every_steps", "batch_size",
+        "model.width_multiplier", "dataset.num_identities", "dataset.train_images",
+        "dataset.test_images", "dataset.num_unseen_identities", "dataset.unseen_images"}
 
 
 def test_every_key_a_dataset_source_reads_is_in_the_base_config():

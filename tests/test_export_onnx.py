@@ -61,10 +61,11 @@ def _workdir(path, spec):
     return str(path)
 
 
-# (config, how it is exported): resnet_tiny is the demo's model (32 px, GroupNorm) and goes
-# through the command; the two 112-pixel BatchNorm face models through the library.
+# (config, how it is exported): resnet_tiny is the base config's model (32 px, GroupNorm; the
+# demo's smoke test) and goes through the command; the two 112-pixel BatchNorm face models
+# through the library.
 MODELS = {"iresnet18": "zoo.py:iresnet18", "mobilefacenet": "zoo.py:mobilefacenet",
-          "resnet_tiny": "demo.py"}
+          "resnet_tiny": "demo.py:runlocal"}
 
 
 @pytest.fixture(scope="module", params=sorted(MODELS))
@@ -107,9 +108,9 @@ def test_onnxruntime_gives_the_models_embedding_at_eval_without_flip(exported):
 
 def test_normalised_onnx_output_is_jfacerec_load_embed_with_flip_off(tmp_path_factory):
     """The documented use: uint8 RGB faces, (x - 127.5) / 127.5, NCHW, then L2 normalisation,
-    against jfacerec.load(W).embed on the demo's model."""
+    against jfacerec.load(W).embed on the base config's model."""
     tmp = tmp_path_factory.mktemp("load")
-    workdir, out = _workdir(tmp / "workdir", "demo.py"), str(tmp / "model.onnx")
+    workdir, out = _workdir(tmp / "workdir", "demo.py:runlocal"), str(tmp / "model.onnx")
     export_workdir(workdir, out)
     recognizer = load(workdir, batch_size=8)
     assert not recognizer.flip

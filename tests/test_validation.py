@@ -189,7 +189,8 @@ def test_sigkill_then_resume_with_validation_gives_identical_bits(straight, tmp_
 
 @pytest.mark.parametrize("overrides, error, match", [
     ({"eval.sets": ""}, ValueError, "eval.sets is empty"),
-    ({"eval.sets": "unseen,faces.txt"}, ValueError, "neither 'unseen' nor a .bin"),
+    ({"eval.sets": "unseen,faces.txt"}, ValueError, "neither 'unseen', 'pairs' nor a .bin"),
+    ({"eval.sets": "pairs"}, ValueError, "dataset.pairs is empty; give --config.dataset.pairs"),
     ({"eval.sets": "missing/lfw.bin"}, FileNotFoundError, "missing/lfw.bin: no such"),
     ({"eval.best_metric": "lfw/accuracy"}, ValueError, "SET among \\['unseen'\\]"),
     ({"eval.best_metric": "unseen/top1"}, ValueError, "METRIC among"),
