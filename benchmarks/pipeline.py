@@ -263,7 +263,6 @@ def train_step_rates(config, dataset, faces: InMemoryFaces, steps: int, rounds: 
     from jfacerec import training
     from jfacerec.core import parallel
     from jfacerec.data import pipeline
-    from jfacerec.losses.objectives import Objective
 
     mesh = parallel.mesh_from_config(config)
     batch_sharding = parallel.data_sharding(mesh)
@@ -272,8 +271,7 @@ def train_step_rates(config, dataset, faces: InMemoryFaces, steps: int, rounds: 
     step = jax.jit(training.make_train_step(model, tx, config, mesh),
                    in_shardings=(state_sharding, batch_sharding),
                    out_shardings=(state_sharding, parallel.replicated(mesh)), donate_argnums=0)
-    objective = Objective.from_config(config)
-    init = jax.jit(lambda rng: training.init_state(model, tx, config.image_size, rng, objective),
+    init = jax.jit(lambda rng: training.state_from_config(model, tx, config, rng),
                    out_shardings=state_sharding)
     state = init(jax.random.key(config.seed))
 

@@ -28,7 +28,6 @@ from jfacerec.core import config_base, parallel  # noqa: E402
 from jfacerec.models import xla_cpu  # noqa: E402
 from jfacerec.data import pipeline, sources  # noqa: E402
 from jfacerec.data.synthetic import render_faces  # noqa: E402
-from jfacerec.losses.objectives import Objective  # noqa: E402
 
 
 def rate(fn, n_items: int, repeats: int = 3) -> float:
@@ -77,8 +76,7 @@ def main():
 
     mesh = parallel.make_mesh(config.num_devices)
     model, tx, _ = training.abstract_train_state(config, dataset.num_classes, mesh)
-    state = training.init_state(model, tx, size, jax.random.key(0),
-                                Objective.from_config(config))
+    state = training.state_from_config(model, tx, config, jax.random.key(0))
     step = jax.jit(training.make_train_step(model, tx, config), donate_argnums=0,
                    compiler_options=xla_cpu.compiler_options())  # as training.train jits it
     b = {"image": jnp.zeros((batch, size, size, 3)), "label": jnp.zeros((batch,), jnp.int32)}

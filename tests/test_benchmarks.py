@@ -27,7 +27,8 @@ def run_benchmark(script: str, *args: str) -> dict:
 
 
 def test_synthetic_pipeline_benchmark_reports_each_thread_count():
-    result = run_benchmark("synthetic.py", "--steps", "2", "--threads", "0,1")
+    result = run_benchmark("synthetic.py", "--config", "configs/demo.py:runlocal", "--steps", "2",
+                           "--threads", "0,1")
     assert [p["num_threads"] for p in result["pipeline"]] == [0, 1]
     for p in result["pipeline"]:
         assert p["first_epoch_images_per_s"] > 0 and p["cached_images_per_s"] > 0
