@@ -18,11 +18,12 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     data = os.environ.get("JFACEREC_DATA", os.path.join("..", "shared", "data"))
     c.image_size = 32
     c.batch_size = 64
-    c.total_steps = 300
-    c.checkpoint_every_steps = 300
+    c.total_steps = 400
+    c.checkpoint_every_steps = 400
     c.log_every_steps = 50
     c.model.update(name="resnet_tiny", embedding_dim=64, norm="batch", width_multiplier=0.5)
-    c.loss.name = "softmax"
+    c.loss.name = "cosface"
+    c.ema.decay = 0.99
     c.optimizer.update(learning_rate=0.1, warmup_steps=20)
     c.dataset = config_base.dataset(
         name="orl", root=os.path.join(data, "att_faces"), split=0, known_identities=40,
