@@ -5,8 +5,8 @@ The LFW pairs protocol, unrestricted with labelled outside data drawn from LFW i
 fold of the pairs file, train on every image of the people who do not appear in that fold's pairs
 (W/fold_XX, resumable), then score the fold's pairs by the cosine of flip-averaged embeddings.
 With `eval.every_steps` and `eval.sets=pairs`, each fold's training also validates on the fold's
-pairs (its learning curve, W/fold_XX/validation.png beside training.png); the fold's newest checkpoint is scored, never
-the best by validation, which would choose a step on the test pairs.
+pairs (its learning curve, W/fold_XX/validation.png beside training.png); the fold's newest
+checkpoint is scored, never the best by validation, which would choose a step on the test pairs.
 
 Accuracy per fold uses a threshold chosen on the other evaluated folds (the standard protocol);
 with a single fold (View 1's pairsDevTest.txt, or one View 2 fold) it is chosen by 10-fold

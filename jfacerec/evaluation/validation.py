@@ -64,7 +64,9 @@ class Validation:
 
 def set_name(spec: str) -> str:
     """"unseen", "pairs", or a .bin file's name without `.bin`."""
-    return spec if spec in (UNSEEN, PAIRS) else spec.rstrip("/").rsplit("/", 1)[-1].removesuffix(".bin")
+    if spec in (UNSEEN, PAIRS):
+        return spec
+    return spec.rstrip("/").rsplit("/", 1)[-1].removesuffix(".bin")
 
 
 def set_specs(config: ml_collections.ConfigDict) -> list[str]:
