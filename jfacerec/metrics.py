@@ -100,7 +100,8 @@ def kfold_accuracy(scores, same, folds: int | np.ndarray = 10) -> KFoldResult:
 
     For each fold, the threshold maximising accuracy on the other folds is applied to that fold.
     `folds` is either a number of folds (pairs are dealt out in order, pair i to fold
-    i * folds // n, like LFW's contiguous folds) or an int array [n] giving each pair's fold.
+    i * folds // n, like LFW's contiguous folds) or an int array [n] giving each pair's fold
+    (`stratified_folds` for a file that lists its pairs by kind).
     """
     scores, same = _check_pairs(scores, same)
     if np.isscalar(folds):
@@ -120,6 +121,23 @@ def kfold_accuracy(scores, same, folds: int | np.ndarray = 10) -> KFoldResult:
         thresholds.append(t)
     accs = np.array(accs)
     return KFoldResult(float(accs.mean()), float(accs.std()), accs, np.array(thresholds))
+
+
+def stratified_folds(same, folds: int = 10) -> np.ndarray:
+    """Each pair's fold [n]: fold b takes the b-th of `folds` consecutive blocks of the matched
+    pairs and the b-th of the mismatched ones, in the order given.
+
+    Every fold then holds both kinds in the file's proportion, as LFW View 2's folds do, even
+    when a file lists all its matched pairs first (View 1's pairsDevTest.txt): contiguous folds
+    of such a file hold one kind each, and a threshold fitted on nine folds where the other kind
+    is the majority biases the accuracy low.
+    """
+    same = np.asarray(same, bool).reshape(-1)
+    fold_of = np.empty(same.shape, np.int64)
+    for kind in (True, False):
+        count = int(np.sum(same == kind))
+        fold_of[same == kind] = np.arange(count) * folds // max(count, 1)
+    return fold_of
 
 
 def open_set_accuracy(best_scores, best_labels, true_labels, threshold: float,

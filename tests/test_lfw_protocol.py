@@ -48,3 +48,22 @@ def test_lfw_protocol_on_two_view2_folds(tmp_path):
         assert [step for step, _ in curve] == [2, 4]
         assert curve[-1][1] == pytest.approx(fold["auc"], abs=1e-6)
         assert os.path.getsize(fold_dir / "validation.png") > 1000
+
+
+def test_one_fold_is_cross_validated_on_tenths_holding_both_kinds():
+    """pairsDevTest.txt's layout, 500 matched pairs then 500 mismatched: every tenth the
+    threshold is fitted for must hold both kinds, or the accuracy is biased low."""
+    import numpy as np
+
+    from jfacerec import metrics
+    from jfacerec.evaluation import lfw
+
+    rng = np.random.default_rng(0)
+    scores = np.concatenate([rng.normal(0.5, 0.2, 500), rng.normal(0.2, 0.2, 500)])
+    same = np.arange(1000) < 500
+    accuracies, thresholds, spread = lfw.fold_accuracies([scores], [same])
+    stratified = metrics.kfold_accuracy(scores, same, metrics.stratified_folds(same, 10))
+    assert accuracies == [pytest.approx(stratified.mean)]
+    assert spread == pytest.approx(stratified.std)
+    assert thresholds == [pytest.approx(float(np.median(stratified.thresholds)))]
+    assert accuracies[0] > metrics.kfold_accuracy(scores, same, 10).mean + 0.01

@@ -1,3 +1,4 @@
+import chex
 import numpy as np
 import pytest
 
@@ -66,6 +67,32 @@ def test_kfold_accuracy_picks_thresholds_on_the_other_folds(pairs):
     assert result.std == pytest.approx(np.std(manual))
     explicit = metrics.kfold_accuracy(scores, same, fold_of)
     assert explicit.mean == pytest.approx(result.mean)
+
+
+def test_stratified_folds_give_every_fold_a_share_of_each_kind_in_order():
+    same = np.array([True] * 7 + [False] * 13)
+    fold_of = metrics.stratified_folds(same, 3)
+    chex.assert_shape(fold_of, (20,))
+    np.testing.assert_array_equal(fold_of[:7], [0, 0, 0, 1, 1, 2, 2])
+    np.testing.assert_array_equal(fold_of[7:], np.arange(13) * 3 // 13)
+    interleaved = np.tile([True, False], 50)
+    counts = [(np.sum(interleaved[metrics.stratified_folds(interleaved, 10) == f]),
+               np.sum(~interleaved[metrics.stratified_folds(interleaved, 10) == f]))
+              for f in range(10)]
+    assert counts == [(5, 5)] * 10
+
+
+def test_stratified_folds_remove_the_bias_of_a_file_listing_one_kind_first():
+    """View 1's pairsDevTest.txt layout: 500 matched pairs, then 500 mismatched."""
+    rng = np.random.default_rng(0)
+    scores = np.concatenate([rng.normal(0.5, 0.2, 500), rng.normal(0.2, 0.2, 500)])
+    same = np.arange(1000) < 500
+    _, best = metrics.best_threshold(scores, same)
+    contiguous = metrics.kfold_accuracy(scores, same, 10)
+    stratified = metrics.kfold_accuracy(scores, same, metrics.stratified_folds(same, 10))
+    assert best - 0.02 <= stratified.mean <= best
+    assert contiguous.mean < stratified.mean - 0.01
+    assert stratified.std < contiguous.std
 
 
 def test_top_k_accuracy():

@@ -10,7 +10,9 @@ checkpoint is scored, never the best by validation, which would choose a step on
 
 Accuracy per fold uses a threshold chosen on the other evaluated folds (the standard protocol);
 with a single fold (View 1's pairsDevTest.txt, or one View 2 fold) it is chosen by 10-fold
-cross-validation within the fold's pairs. Also AUC, EER and TAR@FAR over all scored pairs.
+cross-validation within the fold's pairs, each tenth holding a tenth of the matched and of the
+mismatched pairs (metrics.stratified_folds: pairsDevTest.txt lists all its matched pairs
+first). Also AUC, EER and TAR@FAR over all scored pairs.
 Writes W/lfw_results.json, W/lfw_roc.png and W/lfw_scores.png.
 """
 
@@ -47,7 +49,7 @@ def fold_accuracies(scores: list[np.ndarray], same: list[np.ndarray]
     """(accuracy and threshold per fold, spread of accuracy), thresholds chosen as the module
     docstring says; with one fold the spread is that of its 10 cross-validation folds."""
     if len(scores) == 1:
-        kfold = metrics.kfold_accuracy(scores[0], same[0], 10)
+        kfold = metrics.kfold_accuracy(scores[0], same[0], metrics.stratified_folds(same[0], 10))
         return [kfold.mean], [float(np.median(kfold.thresholds))], kfold.std
     thresholds = protocols.thresholds_from_other_folds(
         list(zip(scores, same)), lambda s, y: metrics.best_threshold(s, y)[0])
@@ -80,7 +82,8 @@ def run(config, workdir: str, folds: list[int] | None = None) -> dict:
     results = {
         "pairs_file": storage.absolute(config.dataset.pairs),
         "folds": folds,
-        "threshold_selection": "10-fold cross-validation within the fold" if len(folds) == 1
+        "threshold_selection": "10-fold cross-validation within the fold, folds stratified by kind"
+                               if len(folds) == 1
                                else "best threshold on the other evaluated folds",
         "flip_averaged": bool(config.eval.flip),
         "per_fold": [{"fold": f, "accuracy": a, "threshold": t, "num_pairs": len(s),
