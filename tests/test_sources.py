@@ -14,7 +14,7 @@ from jfacerec.data import folders, pack, records, sources
 from jfacerec.data.images import ImageDecodeError
 from jfacerec.data.pipeline import Augment, color_jitter, train_dataset
 from jfacerec.data.synthetic import render_faces
-from jfacerec.data.pairs import read_lfw_pairs
+from jfacerec.data.pairs import pair_images, read_lfw_pairs
 from jfacerec.evaluation.protocols import thresholds_from_other_folds
 
 
@@ -170,6 +170,20 @@ def test_lfw_pairs_formats_are_detected_from_the_header(tmp_path):
     bad = write_pairs(tmp_path / "bad2.txt", "1", [("A", 1), ("A", 1, "C", 2)])
     with pytest.raises(ValueError, match="line 2"):
         read_lfw_pairs(bad)
+
+
+def test_pair_images_lists_each_image_once_and_indexes_both_sides(tmp_path):
+    view1 = write_pairs(tmp_path / "v1.txt", "2", [("A", 1, 2), ("B", 1, 3), ("A", 1, "C", 2),
+                                                   ("B", 3, "A", 2)])
+    pairs = read_lfw_pairs(view1)[0]
+    unique, first, second = pair_images(pairs, "/r")
+    assert unique == ["/r/A/A_0001.jpg", "/r/A/A_0002.jpg", "/r/B/B_0001.jpg", "/r/B/B_0003.jpg",
+                      "/r/C/C_0002.jpg"]
+    chex.assert_type([first, second], np.int64)
+    np.testing.assert_array_equal(first, [0, 2, 0, 3])
+    np.testing.assert_array_equal(second, [1, 3, 4, 1])
+    assert [(unique[a], unique[b]) for a, b in zip(first, second)] == [p.paths("/r")
+                                                                        for p in pairs]
 
 
 def test_thresholds_come_from_the_other_folds():

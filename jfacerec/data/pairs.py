@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import dataclasses
 
+import numpy as np
+
 from jfacerec.core import storage
 
 
@@ -22,6 +24,16 @@ class LfwPair:
         """The two image files under LFW's `root/<name>/<name>_<number:04d>.jpg`."""
         return tuple(storage.join(root, n, f"{n}_{i:04d}.jpg")  # type: ignore[return-value]
                      for n, i in zip(self.names, self.numbers))
+
+
+def pair_images(pairs: list[LfwPair], root: str) -> tuple[list[str], np.ndarray, np.ndarray]:
+    """(the distinct image files of `pairs` under `root`, sorted; each pair's first and second
+    int64 [pairs] indices into them): an image in several pairs is embedded once."""
+    paths = [path for pair in pairs for path in pair.paths(root)]
+    unique = sorted(set(paths))
+    position = {path: i for i, path in enumerate(unique)}
+    index = np.array([position[path] for path in paths], np.int64).reshape(-1, 2)
+    return unique, index[:, 0], index[:, 1]
 
 
 def read_lfw_pairs(path: str) -> list[list[LfwPair]]:

@@ -26,6 +26,7 @@ import numpy as np
 from jfacerec.core import storage
 from jfacerec.data.align import AlignedFileSource, read_landmarks_csv
 from jfacerec.data.folders import ImageFiles, scan_identity_folders, split_per_identity
+from jfacerec.data.pairs import pair_images, read_lfw_pairs
 from jfacerec.data.records import (UNSEEN_IDENTITY_OFFSET, ArrayRecordSource, FaceDataset,
                                    ImageFileSource, SyntheticSource)
 
@@ -194,8 +195,6 @@ def hw2p2_dataset(d: ml_collections.ConfigDict, image_size: int) -> FaceDataset:
 
 def _pairs_of_fold(path: str, fold: int) -> list:
     """The LfwPairs of a pairs file's fold (every fold when `fold` is -1)."""
-    from jfacerec.data.pairs import read_lfw_pairs
-
     folds = read_lfw_pairs(path)
     if not -1 <= fold < len(folds):
         raise ValueError(f"{path} has {len(folds)} folds; fold {fold} does not exist")
@@ -213,12 +212,9 @@ def lfw_pair_images(d: ml_collections.ConfigDict, image_size: int
     tree `d.root`: (their distinct images, decoded as the training images are; first and second
     int64 [pairs] indices into it; same bool [pairs])."""
     pairs = _pairs_of_fold(d.pairs, d.fold)
-    paths = [path for pair in pairs for path in pair.paths(storage.absolute(d.root))]
-    unique = sorted(set(paths))
-    position = {path: i for i, path in enumerate(unique)}
-    index = np.array([position[path] for path in paths], np.int64)
+    unique, first, second = pair_images(pairs, storage.absolute(d.root))
     files = ImageFiles(d.root, ("pairs",), tuple(unique), np.zeros(len(unique), np.int32))
-    return (ImageFileSource(files, **_decoding(d, image_size)), index[0::2], index[1::2],
+    return (ImageFileSource(files, **_decoding(d, image_size)), first, second,
             np.array([pair.same for pair in pairs]))
 
 

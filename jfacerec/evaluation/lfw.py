@@ -26,7 +26,7 @@ import numpy as np
 from absl import app, flags
 
 from jfacerec import metrics
-from jfacerec.data.pairs import LfwPair, read_lfw_pairs
+from jfacerec.data.pairs import LfwPair, pair_images, read_lfw_pairs
 from jfacerec.evaluation import plots, protocols, validation
 from jfacerec.inference.recognizer import load
 from jfacerec.core import cli, storage
@@ -35,13 +35,9 @@ from jfacerec.core.atomic import atomic_open
 
 def score_pairs(workdir: str, pairs: list[LfwPair], root: str) -> np.ndarray:
     """Cosine scores [len(pairs)] of the model trained in `workdir`."""
-    paths = [p for pair in pairs for p in pair.paths(root)]
-    unique = sorted(set(paths))
-    position = {p: i for i, p in enumerate(unique)}
+    unique, first, second = pair_images(pairs, root)
     embeddings = load(workdir).embed_files(unique, desc="pairs")
-    first = embeddings[[position[p] for p in paths[0::2]]]
-    second = embeddings[[position[p] for p in paths[1::2]]]
-    return np.sum(first * second, axis=-1)
+    return np.sum(embeddings[first] * embeddings[second], axis=-1)
 
 
 def fold_accuracies(scores: list[np.ndarray], same: list[np.ndarray]
