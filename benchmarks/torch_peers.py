@@ -180,6 +180,32 @@ class MobileFaceNet(nn.Module):
         return self.classifier(self.embed(x))
 
 
+def lecun_normal_(weight: torch.Tensor) -> torch.Tensor:
+    """flax's lecun_normal on a torch [out, in] weight: a normal truncated at 2 std, rescaled
+    to variance 1 / in."""
+    std = 1.0 / math.sqrt(weight.shape[1]) / 0.87962566103423978
+    return nn.init.trunc_normal_(weight, std=std, a=-2 * std, b=2 * std)
+
+
+def init_as_jfacerec(model: nn.Module) -> nn.Module:
+    """Starts a peer where jfacerec's backbone starts, not at torch's defaults: He-normal
+    fan-out convs (models.layers.conv_kernel_init), lecun-normal linear weights with zero biases
+    (flax's Dense), unit norm scales except the zero last scale of each BasicBlock
+    (models.resnet). torch's default convs (variance 1 / (3 fan_in)) are 6x smaller in
+    variance for a 3x3 conv, which under BatchNorm makes each SGD step 6x larger in effect: a
+    different training, not a different framework."""
+    for m in model.modules():
+        if isinstance(m, nn.Conv2d):
+            nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+        elif isinstance(m, nn.Linear):
+            lecun_normal_(m.weight.data)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, BasicBlock):
+            nn.init.zeros_(m.norm2.weight)
+    return model
+
+
 class CosineClassifier(nn.Module):
     """jfacerec.models.heads.CosineClassifier before its scale: cos(theta) [batch, classes]
     between the embeddings [batch, dim] and the class weights [classes, dim], both normalised; no
@@ -189,10 +215,7 @@ class CosineClassifier(nn.Module):
 
     def __init__(self, dim: int, classes: int):
         super().__init__()
-        # flax's lecun_normal: a normal truncated at 2 std, rescaled to variance 1 / fan_in.
-        std = 1.0 / math.sqrt(dim) / 0.87962566103423978
-        self.weight = nn.Parameter(nn.init.trunc_normal_(torch.empty(classes, dim), std=std,
-                                                         a=-2 * std, b=2 * std))
+        self.weight = nn.Parameter(lecun_normal_(torch.empty(classes, dim)))
 
     def forward(self, embeddings: torch.Tensor) -> torch.Tensor:
         return F.normalize(embeddings, dim=1) @ F.normalize(self.weight, dim=1).T
@@ -200,7 +223,8 @@ class CosineClassifier(nn.Module):
 
 def torch_model(config, classes: int) -> nn.Module:
     """The peer of `models.from_config(config, classes)`: its backbone and embedding, and the head
-    its loss needs (a linear classifier for softmax, a CosineClassifier for a margin loss)."""
+    its loss needs (a linear classifier for softmax, a CosineClassifier for a margin loss),
+    initialised as jfacerec's (`init_as_jfacerec`)."""
     m = config.model
     if m.width_multiplier != 1.0 or m.dropout or m.get("dropblock", 0.0):
         raise ValueError("the torch peers are written for width 1 without dropout or DropBlock; "
@@ -215,6 +239,7 @@ def torch_model(config, classes: int) -> nn.Module:
                               m.norm_groups)
     else:
         raise ValueError(f"no torch peer for {m.name!r}")
+    init_as_jfacerec(model)
     if Objective.from_config(config).head[0] == "cosine":
         model.classifier = CosineClassifier(m.embedding_dim, classes)
     return model

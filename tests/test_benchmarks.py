@@ -125,3 +125,52 @@ def test_time_to_accuracy_benchmark_snapshots_both_sides_within_the_budget(tmp_p
     assert result["machine"]["cpu_count"] > 0
     saved = json.loads((tmp_path / "out" / "time_to_accuracy.json").read_text())
     assert saved == result and (tmp_path / "out" / "time_to_accuracy.png").stat().st_size > 0
+
+
+def test_the_torch_peer_starts_where_jfacerec_starts():
+    """Weights of each shape drawn with the same spread on both sides, the same zero norm scales:
+    the time-to-accuracy comparison then trains one recipe, not two initialisations."""
+    import collections
+
+    import jax
+    import numpy as np
+    import torch
+
+    sys.path.insert(0, os.path.join(REPO, "benchmarks"))
+    import torch_peers
+
+    config = config_base.base_config()
+    config.model.update(name="resnet_tiny", norm="batch", width_multiplier=1.0, dropout=0.0)
+    config.loss.name = "cosface"
+    classes = 300
+    torch.manual_seed(0)
+    peer = torch_peers.torch_model(config, classes)
+    model = models.from_config(config, classes)
+    variables = model.init(jax.random.key(0), np.zeros((2, 32, 32, 3), np.float32), train=False)
+
+    def spread(weights) -> dict:
+        groups = collections.defaultdict(list)
+        for shape, values in weights:
+            groups[shape].append(np.ravel(values))
+        return {shape: float(np.std(np.concatenate(v))) for shape, v in groups.items()}
+
+    ours, theirs = [], []
+    for path, leaf in jax.tree_util.tree_leaves_with_path(variables["params"]):
+        leaf = np.asarray(leaf)
+        key = jax.tree_util.keystr(path)
+        if leaf.ndim == 4:  # [kh, kw, in, out] -> torch's [out, in, kh, kw]
+            ours.append((leaf.transpose(3, 2, 0, 1).shape, leaf))
+        elif leaf.ndim == 2:  # [in, out] -> [out, in]
+            ours.append((leaf.T.shape, leaf))
+        elif "scale" in key:
+            ours.append((("scale", leaf.size, float(leaf.mean())), leaf))
+    for name, p in peer.named_parameters():
+        p = p.detach().numpy()
+        if p.ndim in (2, 4):
+            theirs.append((p.shape, p))
+        elif "norm" in name and name.endswith("weight"):
+            theirs.append((("scale", p.size, float(p.mean())), p))
+    ours, theirs = spread(ours), spread(theirs)
+    assert sorted(ours, key=str) == sorted(theirs, key=str)
+    for shape, std in ours.items():
+        assert abs(theirs[shape] - std) <= 0.1 * std + 1e-9, (shape, std, theirs[shape])
