@@ -2,9 +2,10 @@
 
 python benchmarks/norms.py --steps 400
 
-Trains and evaluates `configs/demo.py` with `model.norm` = batch, group, layer, instance, and with
-group norm plus DropBlock (rate 0.1 after the last two stages); prints a markdown table and, as its
-last line, JSON with every run's figures and each one's AUC relative to group norm.
+Trains and evaluates `configs/demo.py:base` (the base config: the demo without its recipe) with
+`model.norm` = batch, group, layer, instance, and with group norm plus DropBlock (rate 0.1 after
+the last two stages); prints a markdown table and, as its last line, JSON with every run's
+figures and each one's AUC relative to group norm.
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ def main():
     args = parser.parse_args()
     results = {}
     for name in args.runs.split(","):
-        results[name] = train_and_evaluate("configs/demo.py", os.path.join(args.workdir, name),
+        results[name] = train_and_evaluate("configs/demo.py:base", os.path.join(args.workdir, name),
                                            [f"--config.total_steps={args.steps}", *RUNS[name]])
         print(f"{name}: " + ", ".join(f"{k} {results[name][k]:.4f}" for k in KEYS), flush=True)
     report(results, KEYS, "group", {"steps": args.steps})

@@ -29,7 +29,6 @@ from __future__ import annotations
 import argparse
 import ast
 import concurrent.futures
-import contextlib
 import copy
 import dataclasses
 import json
@@ -154,18 +153,6 @@ def train_batches(config, source: Source) -> Iterator[dict[str, np.ndarray]]:
         sampler=config.input.sampler, pk_images=config.input.pk_images))
 
 
-@contextlib.contextmanager
-def prepared(dataset: FaceDataset) -> Iterator[None]:
-    """jfacerec.training.train given `dataset` (already decoded) instead of building and decoding
-    its own: train() has no dataset argument, so the registry lookup it makes is answered here."""
-    original = jfacerec.data.sources.get_dataset
-    jfacerec.data.sources.get_dataset = lambda config: dataset
-    try:
-        yield
-    finally:
-        jfacerec.data.sources.get_dataset = original
-
-
 # ---- jfacerec ------------------------------------------------------------------------------------
 
 class Clock:
@@ -190,8 +177,7 @@ def jfacerec_rate(config, dataset: FaceDataset, workdir: str) -> float:
     c = copy.deepcopy(config)
     c.total_steps, c.log_every_steps = WARMUP_STEPS + TIMED_STEPS, WARMUP_STEPS
     c.checkpoint_every_steps, c.eval.every_steps = c.total_steps, 0
-    with prepared(dataset):
-        train(c, workdir)
+    train(c, workdir, dataset=dataset)
     records = [r for r in workdir_files.read_metrics(workdir) if "images_per_second" in r]
     seconds = sum(WARMUP_STEPS * c.batch_size / r["images_per_second"] for r in records[1:])
     return TIMED_STEPS / seconds
@@ -207,8 +193,7 @@ def run_jfacerec(config, dataset: FaceDataset, schedule: Plan, out_dir: str) -> 
     c.keep_checkpoints = schedule.parts
     workdir = os.path.join(out_dir, "jfacerec")
     start = time.perf_counter()
-    with prepared(dataset):
-        train(c, workdir, validate=Clock(start))
+    train(c, workdir, validate=Clock(start), dataset=dataset)
     seconds = time.perf_counter() - start
     clock = {r["step"]: r[CLOCK_KEY] for r in workdir_files.read_metrics(workdir)
              if CLOCK_KEY in r}

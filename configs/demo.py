@@ -6,8 +6,10 @@ python -m jfacerec.evaluate --config configs/demo.py --workdir /tmp/demo
 The base config (jfacerec/core/config_base.py, where every default is written) with the recipe's
 changes (benchmarks/README.md, "The demo recipe"): 800 training identities of 20 images rather
 than 100 of 64 (more people, not more pictures of each, is what carries over to the unseen ones),
-BatchNorm, 2,500 steps and a moving average of the weights. "runlocal" is the base config shrunk
-to a seconds-long smoke test, without the recipe: the tests build on it.
+BatchNorm, 2,500 steps and a moving average of the weights. "base" is the base config alone (the
+demo before its recipe, which benchmarks/norms.py and configs/demo_losses.py compare on);
+"runlocal" is the base config shrunk to a seconds-long smoke test, without the recipe: the tests
+build on it.
 """
 
 import ml_collections
@@ -16,8 +18,10 @@ from jfacerec.core import config_base
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-    variant = config_base.parse_arg(arg, __file__)
+    variant = config_base.parse_arg(arg, __file__, choices=("base",))
     c = config_base.base_config()
+    if variant.choice == "base" and "runlocal" not in variant:
+        return c
     if "runlocal" in variant:  # seconds, for a smoke test
         c.total_steps = 20
         c.log_every_steps = 5

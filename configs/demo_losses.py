@@ -1,4 +1,5 @@
-"""The demo with another training objective, one per argument:
+"""The demo's base config (configs/demo.py:base, without the demo's recipe) with another training
+objective, one per argument:
 
 python -m jfacerec.train --config configs/demo_losses.py:arcface --workdir workdirs/arcface
 
@@ -28,7 +29,7 @@ OBJECTIVES = {
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     variant = config_base.parse_arg(arg, __file__, choices=OBJECTIVES, default="arcface")
-    c = demo.get_config("runlocal" if "runlocal" in variant else None)
+    c = demo.get_config("runlocal" if "runlocal" in variant else "base")
     choice = OBJECTIVES[variant.choice]
     c.loss.name = choice["name"]
     if "sampler" in choice:

@@ -103,7 +103,7 @@ def test_an_unknown_variant_is_an_error_naming_it_and_the_choices(name):
 
 def test_the_demo_names_its_one_variant():
     with pytest.raises(ValueError, match=re.escape(
-            "unknown variant 'runlocl' for configs/demo.py; choose from runlocal")):
+            "unknown variant 'runlocl' for configs/demo.py; choose from base, runlocal")):
         config_base.load(f"{CONFIG_DIR}/demo.py:runlocl")
 
 
@@ -142,7 +142,9 @@ def test_the_demo_is_the_base_config_with_its_recipe():
     assert changed == {"total_steps": 2500, "optimizer.warmup_steps": 200, "model.norm": "batch",
                        "ema.decay": 0.999, "dataset.num_identities": DEMO_IDENTITIES,
                        "dataset.train_images": DEMO_IMAGES}
-    # its smoke test is the base's, shrunk: the tests' configs build on it
+    # "base" is the base config itself; the smoke test is the base's, shrunk: the tests' configs
+    # build on it
+    assert config_base.load(f"{CONFIG_DIR}/demo.py:base").to_dict() == config_base.base_config().to_dict()
     smoke = flat(config_base.load(f"{CONFIG_DIR}/demo.py:runlocal").to_dict())
     assert {k for k in smoke if smoke[k] != base[k]} == {
         "total_steps", "log_every_steps", "checkpoint_every_steps", "batch_size",

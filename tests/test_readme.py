@@ -71,6 +71,10 @@ SKIPPED = {
     r"python benchmarks/matcher\.py --quick":
         "times faiss (default --sides jfacerec,faiss,numpy): faiss-cpu is in the bench extra, not "
         "installed in CI; tests/test_benchmarks.py runs the jfacerec and numpy sides",
+    r"python benchmarks/time_to_accuracy\.py --config configs/lfw\.py --minutes 5,10,20 .*":
+        "trains the LFW recipe twice for 20 minutes each (about 45 minutes of CPU); "
+        "tests/test_benchmarks.py::test_time_to_accuracy_benchmark_snapshots_both_sides_within_"
+        "the_budget runs the same script on both sides at a 0.1-minute budget and 40 pairs",
     r"python benchmarks/pipeline\.py":
         "a timing run over LFW's JPEGs against a PyTorch DataLoader, 4 rounds of each, minutes "
         "of CPU that assert nothing; tests/test_benchmarks.py runs --sides grain",

@@ -60,6 +60,26 @@ def test_training_learns_and_writes_its_outputs(tmp_path):
     assert (tmp_path / "training.png").exists()
 
 
+def test_a_dataset_given_to_train_is_the_one_trained_on(tmp_path):
+    """train(dataset=) skips the registry: the same faces give the same weights, and the config's
+    own dataset is never built (its root here does not exist)."""
+    import dataclasses
+
+    from jfacerec.data import sources
+
+    config = tiny_config(total_steps=10)
+    built = train(config, str(tmp_path / "built"))
+    # the synthetic identities have no names; these mark the given dataset as the one used
+    dataset = sources.get_dataset(config)
+    names = tuple(f"person_{i}" for i in range(dataset.num_classes))
+    dataset = dataclasses.replace(dataset, names=names)
+    config.dataset.update(name="folder", root=str(tmp_path / "no_such_folder"))
+    given = train(config, str(tmp_path / "given"), dataset=dataset)
+    chex.assert_trees_all_equal(jax.device_get(given.params), jax.device_get(built.params))
+    assert not (tmp_path / "built" / "identities.json").exists()
+    assert json.load(open(tmp_path / "given" / "identities.json")) == list(names)
+
+
 def test_continuing_a_finished_run_is_a_no_op_and_more_steps_extend_it(tmp_path):
     config = tiny_config(total_steps=10)
     first = train(config, str(tmp_path))

@@ -21,6 +21,7 @@ from jfacerec.core import atomic, lock, parallel, storage
 from jfacerec.core import workdir as workdir_files
 from jfacerec.core.checkpoint import Checkpointer
 from jfacerec.data import pipeline, sources
+from jfacerec.data.records import FaceDataset
 from jfacerec.models import xla_cpu
 from jfacerec.training import init_from
 from jfacerec.training.state import (EmaTrainState, TrainState, abstract_train_state,
@@ -144,13 +145,17 @@ def evaluated_variables(state: TrainState) -> dict[str, Any]:
 
 
 def train(config: ml_collections.ConfigDict, workdir: str,
-          validate: Validator | None = None) -> TrainState:
+          validate: Validator | None = None, *,
+          dataset: FaceDataset | None = None) -> TrainState:
     """Trains (or resumes) the model of `config`, writing everything under `workdir`.
 
     A new run starts from `config.init_from`'s weights when it names a workdir; a resumed one
     from its own checkpoint. With `validate` and `config.eval.every_steps`, the model is
     validated every that many steps (and at the last): its figures go to metrics.jsonl and
     TensorBoard, and the best step by `validate.best_key` is checkpointed and kept.
+
+    `dataset` (default: `sources.get_dataset(config)`) is the config's dataset when the caller
+    already holds it, decoded once for several trainings (benchmarks/time_to_accuracy.py).
 
     Process 0 holds the workdir's lock throughout: a second trainer there raises
     WorkdirLockedError at once. A refused run (a config that does not fit the checkpoint, no
@@ -162,11 +167,12 @@ def train(config: ml_collections.ConfigDict, workdir: str,
     storage.makedirs(workdir)
     held = lock.exclusive(workdir) if jax.process_index() == 0 else contextlib.nullcontext()
     with held:
-        return _train(config, workdir, validate if config.eval.every_steps else None)
+        return _train(config, workdir, validate if config.eval.every_steps else None,
+                      sources.get_dataset(config) if dataset is None else dataset)
 
 
-def _train(config: ml_collections.ConfigDict, workdir: str,
-           validate: Validator | None) -> TrainState:
+def _train(config: ml_collections.ConfigDict, workdir: str, validate: Validator | None,
+           dataset: FaceDataset) -> TrainState:
     # -- Device mesh ------------------------------------------------------------------------------
     mesh = parallel.mesh_from_config(config)
     n_dev = mesh.devices.size
@@ -175,7 +181,6 @@ def _train(config: ml_collections.ConfigDict, workdir: str,
     batch_sharding = parallel.data_sharding(mesh)
 
     # -- Input pipeline ---------------------------------------------------------------------------
-    dataset = sources.get_dataset(config)
     train_ds = pipeline.train_dataset(
         dataset.train, batch_size=config.batch_size, image_size=config.image_size,
         seed=config.seed, augment=pipeline.Augment(**config.input.augment),
