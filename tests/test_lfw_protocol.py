@@ -4,6 +4,7 @@ fold's people."""
 import json
 import os
 
+import numpy as np
 import pytest
 
 from conftest import LFW, load_config, needs_lfw
@@ -12,6 +13,8 @@ pytestmark = pytest.mark.slow
 
 @needs_lfw
 def test_lfw_protocol_on_two_view2_folds(tmp_path):
+    from jfacerec import metrics
+    from jfacerec.data.pairs import read_lfw_pairs
     from jfacerec.evaluation import lfw
 
     people = sorted(n for n in os.listdir(LFW) if len(os.listdir(os.path.join(LFW, n))) >= 3)
@@ -44,17 +47,22 @@ def test_lfw_protocol_on_two_view2_folds(tmp_path):
         fold_dir = tmp_path / "w" / f"fold_{fold['fold']:02d}"
         records = [json.loads(line) for line in (fold_dir / "metrics.jsonl").read_text()
                    .splitlines()]
-        curve = [(r["step"], r["val/pairs/auc"]) for r in records if "val/pairs/auc" in r]
-        assert [step for step, _ in curve] == [2, 4]
+        curve = [(r["step"], r["val/pairs/auc"], r["val/pairs/accuracy"]) for r in records
+                 if "val/pairs/auc" in r]
+        assert [step for step, _, _ in curve] == [2, 4]
         assert curve[-1][1] == pytest.approx(fold["auc"], abs=1e-6)
+        # and its accuracy is cross-validated on folds holding both kinds, as the protocol's
+        pairs = read_lfw_pairs(str(tmp_path / "pairs.txt"))[fold["fold"]]
+        same = np.array([p.same for p in pairs])
+        scores = lfw.score_pairs(str(fold_dir), pairs, LFW)
+        stratified = metrics.kfold_accuracy(scores, same, metrics.stratified_folds(same, 4))
+        assert curve[-1][2] == pytest.approx(stratified.mean, abs=1e-6)
         assert os.path.getsize(fold_dir / "validation.png") > 1000
 
 
 def test_one_fold_is_cross_validated_on_tenths_holding_both_kinds():
     """pairsDevTest.txt's layout, 500 matched pairs then 500 mismatched: every tenth the
     threshold is fitted for must hold both kinds, or the accuracy is biased low."""
-    import numpy as np
-
     from jfacerec import metrics
     from jfacerec.evaluation import lfw
 

@@ -29,7 +29,7 @@ import ml_collections
 import numpy as np
 from tqdm.auto import tqdm
 
-from jfacerec import models
+from jfacerec import metrics, models
 from jfacerec.core import parallel, storage
 from jfacerec.data import pipeline, sources
 from jfacerec.data.records import labels_of
@@ -162,9 +162,11 @@ def _embedder(config: ml_collections.ConfigDict, source: Any, desc: str
 
 
 def _pair_figures(config: ml_collections.ConfigDict, embeddings: np.ndarray, first: np.ndarray,
-                  second: np.ndarray, same: np.ndarray) -> dict[str, float]:
+                  second: np.ndarray, same: np.ndarray,
+                  folds: int | np.ndarray | None = None) -> dict[str, float]:
+    """`folds`: each pair's fold [pairs], or None for `eval.folds` contiguous folds."""
     figures = verification_metrics(cosine_of_pairs(embeddings, first, second), same,
-                                   config.eval.folds)
+                                   config.eval.folds if folds is None else folds)
     return {metric: figures[f"verification/{metric}"] for metric in METRICS}
 
 
@@ -185,10 +187,12 @@ def unseen_measure(config: ml_collections.ConfigDict) -> Measure:
 def pairs_measure(config: ml_collections.ConfigDict) -> Measure:
     """The verification figures on the pairs of `dataset.pairs` (fold `dataset.fold`; every fold
     when -1): the pairs that jfacerec.evaluation.lfw scores, embedded as it embeds them, accuracy
-    by `eval.folds`-fold cross-validation (the protocol's rule for one fold)."""
+    by `eval.folds`-fold cross-validation on folds holding both kinds (the protocol's rule for
+    one fold)."""
     source, first, second, same = sources.lfw_pair_images(config.dataset, config.image_size)
     embed = _embedder(config, source, PAIRS)
-    return lambda variables: _pair_figures(config, embed(variables), first, second, same)
+    folds = metrics.stratified_folds(same, config.eval.folds)
+    return lambda variables: _pair_figures(config, embed(variables), first, second, same, folds)
 
 
 def bin_measure(config: ml_collections.ConfigDict, path: str) -> Measure:
