@@ -20,8 +20,6 @@ from jfacerec.core import config_base
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     variant = config_base.parse_arg(arg, __file__, choices=("base",))
     c = config_base.base_config()
-    if variant.choice == "base" and "runlocal" not in variant:
-        return c
     if "runlocal" in variant:  # seconds, for a smoke test
         c.total_steps = 20
         c.log_every_steps = 5
@@ -30,6 +28,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         c.model.width_multiplier = 0.25
         c.dataset.update(num_identities=16, train_images=8, test_images=2,
                          num_unseen_identities=20, unseen_images=4)
+        return c
+    if variant.choice == "base":
         return c
     c.total_steps = 2500
     c.optimizer.warmup_steps = 200

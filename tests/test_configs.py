@@ -144,7 +144,8 @@ def test_the_demo_is_the_base_config_with_its_recipe():
                        "dataset.train_images": DEMO_IMAGES}
     # "base" is the base config itself; the smoke test is the base's, shrunk: the tests' configs
     # build on it
-    assert config_base.load(f"{CONFIG_DIR}/demo.py:base").to_dict() == config_base.base_config().to_dict()
+    assert (config_base.load(f"{CONFIG_DIR}/demo.py:base").to_dict()
+            == config_base.base_config().to_dict())
     smoke = flat(config_base.load(f"{CONFIG_DIR}/demo.py:runlocal").to_dict())
     assert {k for k in smoke if smoke[k] != base[k]} == {
         "total_steps", "log_every_steps", "checkpoint_every_steps", "batch_size",
