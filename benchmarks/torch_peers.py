@@ -53,24 +53,29 @@ class BasicBlock(nn.Module):
 
 
 class ResNetTiny(nn.Module):
-    """jfacerec's `resnet_tiny`: a stride-2 3x3 stem, four one-block stages, mean-pool, a linear
-    embedding (EmbeddingHead) and a linear classifier. [batch, 3, H, W] -> [batch, classes]."""
+    """jfacerec's `resnet_tiny`: a stride-2 3x3 stem, four one-block stages, the pool (mean, or
+    flatten in jfacerec's [H, W, C] order), a linear embedding (EmbeddingHead) and a linear
+    classifier. [batch, 3, size, size] -> [batch, classes]."""
 
     def __init__(self, widths: list[int], embedding_dim: int, classes: int, norm_kind: str,
-                 groups: int):
+                 groups: int, pool: str = "mean", image_size: int = 0):
         super().__init__()
+        self.pool = pool
+        # the stem and three stages halve the side: 48 px -> 3 x 3 positions
+        positions = (-(-image_size // 16)) ** 2 if pool == "flatten" else 1
         norm = lambda c: torch_norm(norm_kind, c, groups)  # noqa: E731
         self.stem, self.stem_norm = conv(3, widths[0], 3, 2), norm(widths[0])
         cins = [widths[0], *widths[:-1]]
         self.blocks = nn.Sequential(*[BasicBlock(cin, w, 1 if i == 0 else 2, norm)
                                       for i, (cin, w) in enumerate(zip(cins, widths))])
-        self.proj = nn.Linear(widths[-1], embedding_dim)
+        self.proj = nn.Linear(widths[-1] * positions, embedding_dim)
         self.classifier = nn.Linear(embedding_dim, classes)
 
     def embed(self, x: torch.Tensor) -> torch.Tensor:
         """[batch, 3, H, W] -> embeddings [batch, embedding_dim]."""
         x = self.blocks(F.relu(self.stem_norm(self.stem(x))))
-        return self.proj(x.mean((2, 3)))
+        pooled = x.permute(0, 2, 3, 1).flatten(1) if self.pool == "flatten" else x.mean((2, 3))
+        return self.proj(pooled)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.classifier(self.embed(x))
@@ -230,7 +235,8 @@ def torch_model(config, classes: int) -> nn.Module:
         raise ValueError("the torch peers are written for width 1 without dropout or DropBlock; "
                          "set model.width_multiplier=1.0, model.dropout=0, model.dropblock=0")
     if m.name == "resnet_tiny":
-        model = ResNetTiny([24, 48, 96, 192], m.embedding_dim, classes, m.norm, m.norm_groups)
+        model = ResNetTiny([24, 48, 96, 192], m.embedding_dim, classes, m.norm, m.norm_groups,
+                           m.pool, config.image_size)
     elif m.name == "iresnet18":
         model = IResNet([2, 2, 2, 2], [64, 128, 256, 512], m.embedding_dim, classes,
                         config.image_size, m.norm, m.norm_groups)

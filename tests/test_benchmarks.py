@@ -12,6 +12,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 from conftest import LFW, REPO, needs_lfw
 from jfacerec import models
 from jfacerec.core import config_base
@@ -127,9 +129,12 @@ def test_time_to_accuracy_benchmark_snapshots_both_sides_within_the_budget(tmp_p
     assert saved == result and (tmp_path / "out" / "time_to_accuracy.png").stat().st_size > 0
 
 
-def test_the_torch_peer_starts_where_jfacerec_starts():
+@pytest.mark.parametrize("pool", ["mean", "flatten"])
+def test_the_torch_peer_starts_where_jfacerec_starts(pool):
     """Weights of each shape drawn with the same spread on both sides, the same zero norm scales:
-    the time-to-accuracy comparison then trains one recipe, not two initialisations."""
+    the time-to-accuracy comparison then trains one recipe, not two initialisations. With the
+    flatten pool the embedding's kernel has a row per position and channel (2 x 2 x 192 at 32
+    px) on both sides."""
     import collections
 
     import jax
@@ -140,7 +145,8 @@ def test_the_torch_peer_starts_where_jfacerec_starts():
     import torch_peers
 
     config = config_base.base_config()
-    config.model.update(name="resnet_tiny", norm="batch", width_multiplier=1.0, dropout=0.0)
+    config.model.update(name="resnet_tiny", norm="batch", width_multiplier=1.0, dropout=0.0,
+                        pool=pool)
     config.loss.name = "cosface"
     classes = 300
     torch.manual_seed(0)
@@ -172,5 +178,6 @@ def test_the_torch_peer_starts_where_jfacerec_starts():
             theirs.append((("scale", p.size, float(p.mean())), p))
     ours, theirs = spread(ours), spread(theirs)
     assert sorted(ours, key=str) == sorted(theirs, key=str)
+    assert (128, 192 * (4 if pool == "flatten" else 1)) in theirs
     for shape, std in ours.items():
         assert abs(theirs[shape] - std) <= 0.1 * std + 1e-9, (shape, std, theirs[shape])

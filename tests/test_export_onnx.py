@@ -41,9 +41,11 @@ def _random_variables(abstract, seed):
         lambda path, leaf: np.asarray(draw(path, leaf), leaf.dtype), abstract)
 
 
-def _workdir(path, spec):
-    """A workdir of configs/`spec` with random weights and statistics, saved as step 1."""
+def _workdir(path, spec, pool="mean"):
+    """A workdir of configs/`spec` (its embedding head's `pool`) with random weights and
+    statistics, saved as step 1."""
     config = load_config(spec)
+    config.model.pool = pool
     config.num_devices = 1
     config.eval.flip = False
     model = models.from_config(config, NUM_CLASSES)
@@ -62,10 +64,13 @@ def _workdir(path, spec):
 
 
 # (config, how it is exported): resnet_tiny is the base config's model (32 px, GroupNorm; the
-# demo's smoke test) and goes through the command; the two 112-pixel BatchNorm face models
-# through the library.
-MODELS = {"iresnet18": "zoo.py:iresnet18", "mobilefacenet": "zoo.py:mobilefacenet",
-          "resnet_tiny": "demo.py:runlocal"}
+# demo's smoke test) and goes through the command; the two 112-pixel BatchNorm face models, and
+# resnet_tiny with the flatten pool (2 x 2 positions), through the library.
+# name: (config, the embedding head's pool)
+MODELS = {"iresnet18": ("zoo.py:iresnet18", "mean"),
+          "mobilefacenet": ("zoo.py:mobilefacenet", "mean"),
+          "resnet_tiny": ("demo.py:runlocal", "mean"),
+          "resnet_tiny_flatten": ("demo.py:runlocal", "flatten")}
 
 
 @pytest.fixture(scope="module", params=sorted(MODELS))
@@ -73,7 +78,7 @@ def exported(request, tmp_path_factory):
     """(workdir, onnx path, image size) for each model of MODELS."""
     name = request.param
     tmp = tmp_path_factory.mktemp(name)
-    workdir, out = _workdir(tmp / "workdir", MODELS[name]), str(tmp / "model.onnx")
+    workdir, out = _workdir(tmp / "workdir", *MODELS[name]), str(tmp / "model.onnx")
     if name == "resnet_tiny":
         result = run_module("jfacerec.export", "onnx", "--workdir", workdir, "--out", out)
         assert result.returncode == 0, result.stderr

@@ -76,3 +76,28 @@ def test_unknown_names_are_refused():
     with pytest.raises(ValueError, match="unknown norm"):
         init(get_model("resnet_tiny", num_classes=2, norm="weird", width_multiplier=0.25))
     assert "resnet_tiny" in registered_models()
+
+
+def test_flatten_pool_keeps_where_features_are_and_mean_pool_does_not():
+    """pool="flatten" projects every position's features (kernel [h * w * c, dim]); swapping two
+    positions of the feature map moves its embedding, and leaves the mean pool's unchanged."""
+    from jfacerec.models.heads import EmbeddingHead
+
+    feats = jax.random.normal(jax.random.key(1), (2, 3, 3, 4))
+    swapped = feats.at[:, 0, 0].set(feats[:, 2, 2]).at[:, 2, 2].set(feats[:, 0, 0])
+    for pool, moves in (("flatten", True), ("mean", False)):
+        head = EmbeddingHead(5, pool=pool)
+        variables = head.init(jax.random.key(0), feats, train=False)
+        chex.assert_shape(variables["params"]["proj"]["kernel"],
+                          (3 * 3 * 4 if pool == "flatten" else 4, 5))
+        a = head.apply(variables, feats, train=False)
+        b = head.apply(variables, swapped, train=False)
+        chex.assert_shape(a, (2, 5))
+        assert np.allclose(a, b, atol=1e-6) != moves, pool
+    model = get_model("resnet_tiny", num_classes=3, width_multiplier=0.25, pool="flatten")
+    variables = init(model, 32)
+    # 32 px: stride-2 stem then three strided stages -> 2 x 2 positions of 48 channels
+    chex.assert_shape(variables["params"]["embed_head"]["proj"]["kernel"], (2 * 2 * 48, 128))
+    chex.assert_shape(model.apply(variables, jnp.zeros((1, 32, 32, 3))), (1, 3))
+    with pytest.raises(ValueError, match="unknown pool"):
+        init(get_model("resnet_tiny", num_classes=2, width_multiplier=0.25, pool="max"))

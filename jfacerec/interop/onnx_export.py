@@ -431,7 +431,8 @@ def embedding_graph(model: FaceModel, variables: Mapping[str, Any], image_size: 
     x = write(g, s["backbone"], model.backbone, x)
     if len(x.shape) == 3:  # a feature map: FaceModel's EmbeddingHead pools and projects it
         head = s["embed_head"]
-        x = dense(g, head["proj"], mean_pool(g, x, head.path))
+        x = (flatten_dense(g, head["proj"], x) if model.pool == "flatten"
+             else dense(g, head["proj"], mean_pool(g, x, head.path)))
     g.nodes.append(helper.make_node("Identity", [x.name], [OUTPUT_NAME], name=OUTPUT_NAME))
     return g
 

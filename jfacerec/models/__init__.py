@@ -41,9 +41,10 @@ class FaceModel(nn.Module):
     head: str = "linear"
     head_scale: float = 64.0
     class_columns: int = 0
+    pool: str = "mean"  # the embedding head's, on a feature map (heads.EmbeddingHead)
 
     def setup(self):
-        self.embed_head = EmbeddingHead(self.embedding_dim, self.dropout, self.dtype)
+        self.embed_head = EmbeddingHead(self.embedding_dim, self.dropout, self.dtype, self.pool)
         if self.head == "linear":
             self.classifier = LinearClassifier(self.num_classes, self.class_columns)
         elif self.head == "cosine":
@@ -80,14 +81,15 @@ def _builder(make_backbone, default_norm: str):
     def build(*, num_classes: int, embedding_dim: int = 128, norm: str | None = None,
               norm_groups: int = 32, width_multiplier: float = 1.0, dropout: float = 0.0,
               dropblock: float = 0.0, dtype: Any = jnp.float32, head: str = "linear",
-              head_scale: float = 64.0, class_columns: int = 0, remat: bool = False) -> FaceModel:
+              head_scale: float = 64.0, class_columns: int = 0, remat: bool = False,
+              pool: str = "mean") -> FaceModel:
         options = dict(norm=norm or default_norm, norm_groups=norm_groups,
                        width_multiplier=width_multiplier, dropout=dropout, dropblock=dropblock,
                        dtype=dtype, embedding_dim=embedding_dim, remat=remat)
         # Backbones with their own embedding layer take the dropout; others leave it to the head.
         backbone, own_head = make_backbone(**options)
         return FaceModel(backbone, num_classes, embedding_dim, 0.0 if own_head else dropout,
-                         dtype, head, head_scale, class_columns)
+                         dtype, head, head_scale, class_columns, pool)
 
     return build
 
@@ -143,7 +145,8 @@ _MODELS: dict[str, Callable[..., FaceModel]] = {
 def get_model(name: str, **kwargs) -> FaceModel:
     """The model registered under `name`, built with `kwargs` (num_classes, embedding_dim, norm,
     norm_groups, width_multiplier, dropout, dropblock, dtype, head, head_scale, class_columns,
-    remat: the backbone's blocks rematerialised, see layers.rematerialised)."""
+    remat: the backbone's blocks rematerialised, see layers.rematerialised; pool: how the
+    embedding head pools a feature map, see heads.EmbeddingHead)."""
     try:
         build = _MODELS[name]
     except KeyError:
@@ -165,7 +168,8 @@ def from_config(config: ml_collections.ConfigDict, num_classes: int,
                      norm_groups=m.norm_groups, width_multiplier=m.width_multiplier,
                      dropout=m.dropout, dropblock=m.dropblock,
                      dtype=jnp.dtype(config.dtype), head=head,
-                     head_scale=head_scale, class_columns=class_columns, remat=m.remat)
+                     head_scale=head_scale, class_columns=class_columns, remat=m.remat,
+                     pool=m.pool)
 
 
 __all__ = ["FaceModel", "NORMS", "Norm", "from_config", "get_model", "registered_models"]

@@ -11,8 +11,15 @@ import jax.numpy as jnp
 from jfacerec.losses import cosine_logits
 
 
+POOLS = ("mean", "flatten")
+
+
 class EmbeddingHead(nn.Module):
-    """Global average pool, dropout, then a linear projection to the embedding.
+    """Pool, dropout, then a linear projection to the embedding.
+
+    pool "mean": the global average of the feature map. pool "flatten": every position's features
+    in one vector (h * w * channels), as arcface_torch's IResNet head does: an aligned face keeps
+    its eyes and mouth at fixed positions, which averaging throws away.
 
     Input [batch, h, w, channels]; output float32 [batch, embedding_dim].
     """
@@ -20,10 +27,16 @@ class EmbeddingHead(nn.Module):
     embedding_dim: int = 128
     dropout: float = 0.0
     dtype: Any = jnp.float32
+    pool: str = "mean"
 
     @nn.compact
     def __call__(self, feats: jax.Array, *, train: bool) -> jax.Array:
-        x = jnp.mean(feats, axis=(1, 2))
+        if self.pool == "mean":
+            x = jnp.mean(feats, axis=(1, 2))
+        elif self.pool == "flatten":
+            x = feats.reshape(feats.shape[0], -1)
+        else:
+            raise ValueError(f"unknown pool {self.pool!r}; choose one of {POOLS}")
         x = nn.Dropout(self.dropout, deterministic=not train)(x)
         x = nn.Dense(self.embedding_dim, dtype=self.dtype, name="proj")(x)
         return x.astype(jnp.float32)
