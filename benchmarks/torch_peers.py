@@ -54,13 +54,14 @@ class BasicBlock(nn.Module):
 
 class ResNetTiny(nn.Module):
     """jfacerec's `resnet_tiny`: a stride-2 3x3 stem, four one-block stages, the pool (mean, or
-    flatten in jfacerec's [H, W, C] order), a linear embedding (EmbeddingHead) and a linear
-    classifier. [batch, 3, size, size] -> [batch, classes]."""
+    flatten in jfacerec's [H, W, C] order), dropout, a linear embedding (EmbeddingHead) and a
+    linear classifier. [batch, 3, size, size] -> [batch, classes]."""
 
     def __init__(self, widths: list[int], embedding_dim: int, classes: int, norm_kind: str,
-                 groups: int, pool: str = "mean", image_size: int = 0):
+                 groups: int, pool: str = "mean", image_size: int = 0, dropout: float = 0.0):
         super().__init__()
         self.pool = pool
+        self.dropout = nn.Dropout(dropout)
         # the stem and three stages halve the side: 48 px -> 3 x 3 positions
         positions = (-(-image_size // 16)) ** 2 if pool == "flatten" else 1
         norm = lambda c: torch_norm(norm_kind, c, groups)  # noqa: E731
@@ -75,7 +76,7 @@ class ResNetTiny(nn.Module):
         """[batch, 3, H, W] -> embeddings [batch, embedding_dim]."""
         x = self.blocks(F.relu(self.stem_norm(self.stem(x))))
         pooled = x.permute(0, 2, 3, 1).flatten(1) if self.pool == "flatten" else x.mean((2, 3))
-        return self.proj(pooled)
+        return self.proj(self.dropout(pooled))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.classifier(self.embed(x))
@@ -231,12 +232,14 @@ def torch_model(config, classes: int) -> nn.Module:
     its loss needs (a linear classifier for softmax, a CosineClassifier for a margin loss),
     initialised as jfacerec's (`init_as_jfacerec`)."""
     m = config.model
-    if m.width_multiplier != 1.0 or m.dropout or m.get("dropblock", 0.0):
-        raise ValueError("the torch peers are written for width 1 without dropout or DropBlock; "
-                         "set model.width_multiplier=1.0, model.dropout=0, model.dropblock=0")
+    if m.width_multiplier != 1.0 or m.get("dropblock", 0.0):
+        raise ValueError("the torch peers are written for width 1 without DropBlock; set "
+                         "model.width_multiplier=1.0, model.dropblock=0")
+    if m.dropout and m.name != "resnet_tiny":
+        raise ValueError(f"the torch peer of {m.name!r} has no dropout; set model.dropout=0")
     if m.name == "resnet_tiny":
         model = ResNetTiny([24, 48, 96, 192], m.embedding_dim, classes, m.norm, m.norm_groups,
-                           m.pool, config.image_size)
+                           m.pool, config.image_size, m.dropout)
     elif m.name == "iresnet18":
         model = IResNet([2, 2, 2, 2], [64, 128, 256, 512], m.embedding_dim, classes,
                         config.image_size, m.norm, m.norm_groups)
