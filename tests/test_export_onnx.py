@@ -63,10 +63,9 @@ def _workdir(path, spec, pool="mean"):
     return str(path)
 
 
-# (config, how it is exported): resnet_tiny is the base config's model (32 px, GroupNorm; the
-# demo's smoke test) and goes through the command; the two 112-pixel BatchNorm face models, and
-# resnet_tiny with the flatten pool (2 x 2 positions), through the library.
-# name: (config, the embedding head's pool)
+# name: (config, the embedding head's pool). resnet_tiny is the base config's model (32 px,
+# GroupNorm; the demo's smoke test) and goes through the command; the two 112-pixel BatchNorm face
+# models, and resnet_tiny with the flatten pool (2 x 2 positions), through the library.
 MODELS = {"iresnet18": ("zoo.py:iresnet18", "mean"),
           "mobilefacenet": ("zoo.py:mobilefacenet", "mean"),
           "resnet_tiny": ("demo.py:runlocal", "mean"),
