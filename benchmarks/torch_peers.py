@@ -26,7 +26,7 @@ def torch_norm(kind: str, channels: int, groups: int) -> nn.Module:
 
 
 def embedding_norm(kind: str, dim: int) -> nn.Module:
-    """jfacerec.models.iresnet.embedding_norm: BatchNorm1d for "batch", else LayerNorm."""
+    """jfacerec.models.heads.embedding_norm: BatchNorm1d for "batch", else LayerNorm."""
     return nn.BatchNorm1d(dim, eps=1e-5, momentum=0.1) if kind == "batch" else nn.LayerNorm(dim)
 
 
@@ -54,11 +54,12 @@ class BasicBlock(nn.Module):
 
 class ResNetTiny(nn.Module):
     """jfacerec's `resnet_tiny`: a stride-2 3x3 stem, four one-block stages, the pool (mean, or
-    flatten in jfacerec's [H, W, C] order), dropout, a linear embedding (EmbeddingHead) and a
-    linear classifier. [batch, 3, size, size] -> [batch, classes]."""
+    flatten in jfacerec's [H, W, C] order), dropout, a linear embedding and its norm ("": none;
+    EmbeddingHead) and a linear classifier. [batch, 3, size, size] -> [batch, classes]."""
 
     def __init__(self, widths: list[int], embedding_dim: int, classes: int, norm_kind: str,
-                 groups: int, pool: str = "mean", image_size: int = 0, dropout: float = 0.0):
+                 groups: int, pool: str = "mean", image_size: int = 0, dropout: float = 0.0,
+                 features: str = ""):
         super().__init__()
         self.pool = pool
         self.dropout = nn.Dropout(dropout)
@@ -70,13 +71,14 @@ class ResNetTiny(nn.Module):
         self.blocks = nn.Sequential(*[BasicBlock(cin, w, 1 if i == 0 else 2, norm)
                                       for i, (cin, w) in enumerate(zip(cins, widths))])
         self.proj = nn.Linear(widths[-1] * positions, embedding_dim)
+        self.features = embedding_norm(features, embedding_dim) if features else nn.Identity()
         self.classifier = nn.Linear(embedding_dim, classes)
 
     def embed(self, x: torch.Tensor) -> torch.Tensor:
         """[batch, 3, H, W] -> embeddings [batch, embedding_dim]."""
         x = self.blocks(F.relu(self.stem_norm(self.stem(x))))
         pooled = x.permute(0, 2, 3, 1).flatten(1) if self.pool == "flatten" else x.mean((2, 3))
-        return self.proj(self.dropout(pooled))
+        return self.features(self.proj(self.dropout(pooled)))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.classifier(self.embed(x))
@@ -239,7 +241,7 @@ def torch_model(config, classes: int) -> nn.Module:
         raise ValueError(f"the torch peer of {m.name!r} has no dropout; set model.dropout=0")
     if m.name == "resnet_tiny":
         model = ResNetTiny([24, 48, 96, 192], m.embedding_dim, classes, m.norm, m.norm_groups,
-                           m.pool, config.image_size, m.dropout)
+                           m.pool, config.image_size, m.dropout, m.embedding_norm)
     elif m.name == "iresnet18":
         model = IResNet([2, 2, 2, 2], [64, 128, 256, 512], m.embedding_dim, classes,
                         config.image_size, m.norm, m.norm_groups)

@@ -3,6 +3,7 @@ classes match), `optimizer.backbone_multiplier` scales or freezes the backbone, 
 resumes from its own checkpoints; a workdir converted from arcface_torch's .pth is a source like
 one trained here."""
 
+import re
 import shutil
 
 import chex
@@ -118,6 +119,14 @@ def test_a_missing_or_bad_source_is_refused_naming_it(tmp_path):
         parse_source("runs/a:newest")
     with pytest.raises(FileNotFoundError, match="init_from .*nowhere: no such directory"):
         fine_tune(str(tmp_path / "nowhere"), tmp_path / "ft", total_steps=0)
+
+
+
+def test_a_source_with_another_embedding_head_is_refused_naming_it(source, tmp_path):
+    """The source has no norm on its embedding; a config with one cannot start from it."""
+    with pytest.raises(ValueError, match=f"{source[0]}.* holds parameters of other shapes .*"
+                                         + re.escape("['embed_head']['features']")):
+        fine_tune(source[0], tmp_path / "ft", **{"model.embedding_norm": "layer"})
 
 
 CONVERTED_CLASSES = 4

@@ -101,3 +101,23 @@ def test_flatten_pool_keeps_where_features_are_and_mean_pool_does_not():
     chex.assert_shape(model.apply(variables, jnp.zeros((1, 32, 32, 3))), (1, 3))
     with pytest.raises(ValueError, match="unknown pool"):
         init(get_model("resnet_tiny", num_classes=2, width_multiplier=0.25, pool="max"))
+
+
+@pytest.mark.parametrize("kind", ["batch", "layer"])
+def test_embedding_norm_standardises_the_embedding(kind):
+    """embedding_norm "batch" gives each dimension zero mean and unit variance over the training
+    batch (and keeps running statistics); "layer" each embedding over its dimensions."""
+    model = get_model("resnet_tiny", num_classes=3, width_multiplier=0.25, norm="batch",
+                      embedding_dim=16, embedding_norm=kind)
+    variables = init(model, 32)
+    chex.assert_shape(variables["params"]["embed_head"]["features"]["scale"], (16,))
+    images = jax.random.normal(jax.random.key(3), (8, 32, 32, 3))
+    emb, updates = model.apply(variables, images, train=True, return_feats=True,
+                               mutable=["batch_stats"], rngs={"dropout": jax.random.key(0)})
+    chex.assert_shape(emb, (8, 16))
+    axis = 0 if kind == "batch" else 1
+    np.testing.assert_allclose(emb.mean(axis), 0.0, atol=1e-4)
+    np.testing.assert_allclose(emb.std(axis), 1.0, atol=1e-2)
+    assert ("features" in updates["batch_stats"].get("embed_head", {})) == (kind == "batch")
+    with pytest.raises(ValueError, match="unknown embedding norm"):
+        init(get_model("resnet_tiny", num_classes=2, width_multiplier=0.25, embedding_norm="l2"))

@@ -59,7 +59,8 @@ def base_config() -> ml_collections.ConfigDict:
     # with their own embedding layer, iresnet and mobilefacenet, ignore it).
     c.model = ml_collections.ConfigDict(dict(
         name="resnet_tiny", embedding_dim=128, norm="group", norm_groups=8, width_multiplier=1.0,
-        dropout=0.0, dropblock=0.0, remat=False, pool="mean"))
+        dropout=0.0, dropblock=0.0, remat=False, pool="mean",
+        embedding_norm=""))
     # loss.name is one loss or a weighted sum ("0.7*softmax + 0.3*triplet"); each loss's options
     # sit under its own name (a term's own `label_smoothing`, where a config adds one, overrides
     # loss.label_smoothing for that term).

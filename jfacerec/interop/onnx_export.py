@@ -304,7 +304,7 @@ def iresnet(g: _Graph, s: _Scope, m: IResNet, x: _Tensor) -> _Tensor:
 
 
 def _embedding_norm(g: _Graph, s: _Scope, x: _Tensor, kind: str) -> _Tensor:
-    """iresnet.embedding_norm: BatchNorm1d for "batch", else LayerNorm, on [D]."""
+    """heads.embedding_norm: BatchNorm1d for "batch", else LayerNorm, on [D]."""
     return batch_norm(g, s, x, 1e-5) if kind == "batch" else layer_norm(g, s, x, 1e-5)
 
 
@@ -433,6 +433,8 @@ def embedding_graph(model: FaceModel, variables: Mapping[str, Any], image_size: 
         head = s["embed_head"]
         x = (flatten_dense(g, head["proj"], x) if model.pool == "flatten"
              else dense(g, head["proj"], mean_pool(g, x, head.path)))
+        if model.embedding_norm:
+            x = _embedding_norm(g, head["features"], x, model.embedding_norm)
     g.nodes.append(helper.make_node("Identity", [x.name], [OUTPUT_NAME], name=OUTPUT_NAME))
     return g
 

@@ -42,9 +42,11 @@ class FaceModel(nn.Module):
     head_scale: float = 64.0
     class_columns: int = 0
     pool: str = "mean"  # the embedding head's, on a feature map (heads.EmbeddingHead)
+    embedding_norm: str = ""  # the embedding head's norm (heads.EmbeddingHead)
 
     def setup(self):
-        self.embed_head = EmbeddingHead(self.embedding_dim, self.dropout, self.dtype, self.pool)
+        self.embed_head = EmbeddingHead(self.embedding_dim, self.dropout, self.dtype, self.pool,
+                                        self.embedding_norm)
         if self.head == "linear":
             self.classifier = LinearClassifier(self.num_classes, self.class_columns)
         elif self.head == "cosine":
@@ -82,14 +84,14 @@ def _builder(make_backbone, default_norm: str):
               norm_groups: int = 32, width_multiplier: float = 1.0, dropout: float = 0.0,
               dropblock: float = 0.0, dtype: Any = jnp.float32, head: str = "linear",
               head_scale: float = 64.0, class_columns: int = 0, remat: bool = False,
-              pool: str = "mean") -> FaceModel:
+              pool: str = "mean", embedding_norm: str = "") -> FaceModel:
         options = dict(norm=norm or default_norm, norm_groups=norm_groups,
                        width_multiplier=width_multiplier, dropout=dropout, dropblock=dropblock,
                        dtype=dtype, embedding_dim=embedding_dim, remat=remat)
         # Backbones with their own embedding layer take the dropout; others leave it to the head.
         backbone, own_head = make_backbone(**options)
         return FaceModel(backbone, num_classes, embedding_dim, 0.0 if own_head else dropout,
-                         dtype, head, head_scale, class_columns, pool)
+                         dtype, head, head_scale, class_columns, pool, embedding_norm)
 
     return build
 
@@ -145,8 +147,9 @@ _MODELS: dict[str, Callable[..., FaceModel]] = {
 def get_model(name: str, **kwargs) -> FaceModel:
     """The model registered under `name`, built with `kwargs` (num_classes, embedding_dim, norm,
     norm_groups, width_multiplier, dropout, dropblock, dtype, head, head_scale, class_columns,
-    remat: the backbone's blocks rematerialised, see layers.rematerialised; pool: how the
-    embedding head pools a feature map, see heads.EmbeddingHead)."""
+    remat: the backbone's blocks rematerialised, see layers.rematerialised; pool and
+    embedding_norm: how the embedding head pools a feature map and normalises the embedding, see
+    heads.EmbeddingHead)."""
     try:
         build = _MODELS[name]
     except KeyError:
@@ -169,7 +172,7 @@ def from_config(config: ml_collections.ConfigDict, num_classes: int,
                      dropout=m.dropout, dropblock=m.dropblock,
                      dtype=jnp.dtype(config.dtype), head=head,
                      head_scale=head_scale, class_columns=class_columns, remat=m.remat,
-                     pool=m.pool)
+                     pool=m.pool, embedding_norm=m.embedding_norm)
 
 
 __all__ = ["FaceModel", "NORMS", "Norm", "from_config", "get_model", "registered_models"]

@@ -12,14 +12,29 @@ from jfacerec.losses import cosine_logits
 
 
 POOLS = ("mean", "flatten")
+EMBEDDING_NORMS = ("", "batch", "layer")
+
+
+def embedding_norm(x: jax.Array, kind: str, dtype: Any, *, train: bool) -> jax.Array:
+    """The norm after the embedding layer ([batch, D]): BatchNorm1d for "batch", else a LayerNorm
+    over D (group and instance norms of a flat vector would normalise single numbers to zero).
+    Call inside a compact method; the layer is named "features" as in arcface_torch.
+    """
+    if kind == "batch":
+        return nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5,
+                            dtype=dtype, name="features")(x)
+    return nn.LayerNorm(epsilon=1e-5, dtype=dtype, name="features")(x)
 
 
 class EmbeddingHead(nn.Module):
-    """Pool, dropout, then a linear projection to the embedding.
+    """Pool, dropout, a linear projection to the embedding, then optionally its norm.
 
     pool "mean": the global average of the feature map. pool "flatten": every position's features
     in one vector (h * w * channels), as arcface_torch's IResNet head does: an aligned face keeps
     its eyes and mouth at fixed positions, which averaging throws away.
+
+    norm "batch" or "layer" normalises the embedding (embedding_norm), as arcface_torch's
+    BatchNorm1d "features" does; "": none.
 
     Input [batch, h, w, channels]; output float32 [batch, embedding_dim].
     """
@@ -28,6 +43,7 @@ class EmbeddingHead(nn.Module):
     dropout: float = 0.0
     dtype: Any = jnp.float32
     pool: str = "mean"
+    norm: str = ""
 
     @nn.compact
     def __call__(self, feats: jax.Array, *, train: bool) -> jax.Array:
@@ -39,6 +55,11 @@ class EmbeddingHead(nn.Module):
             raise ValueError(f"unknown pool {self.pool!r}; choose one of {POOLS}")
         x = nn.Dropout(self.dropout, deterministic=not train)(x)
         x = nn.Dense(self.embedding_dim, dtype=self.dtype, name="proj")(x)
+        if self.norm not in EMBEDDING_NORMS:
+            raise ValueError(f"unknown embedding norm {self.norm!r}; choose one of "
+                             f"{EMBEDDING_NORMS}")
+        if self.norm:
+            x = embedding_norm(x, self.norm, self.dtype, train=train)
         return x.astype(jnp.float32)
 
 

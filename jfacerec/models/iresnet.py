@@ -13,20 +13,10 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from jfacerec.models.heads import embedding_norm
 from jfacerec.models.layers import DropBlock, Norm, PReLU, conv2d, rematerialised
 
 _PAD1 = ((1, 1), (1, 1))  # torch padding=1: the same pixels as arcface_torch at stride 2
-
-
-def embedding_norm(x: jax.Array, kind: str, dtype: Any, *, train: bool) -> jax.Array:
-    """The norm after the embedding layer ([batch, D]): BatchNorm1d for "batch", else a LayerNorm
-    over D (group and instance norms of a flat vector would normalise single numbers to zero).
-    Call inside a compact method; the layer is named "features" as in arcface_torch.
-    """
-    if kind == "batch":
-        return nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5,
-                            dtype=dtype, name="features")(x)
-    return nn.LayerNorm(epsilon=1e-5, dtype=dtype, name="features")(x)
 
 
 class IBasicBlock(nn.Module):

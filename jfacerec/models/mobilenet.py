@@ -14,7 +14,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from jfacerec.models.iresnet import embedding_norm
+from jfacerec.models.heads import embedding_norm
 from jfacerec.models.layers import DropBlock, Norm, PReLU, conv2d, rematerialised
 
 
