@@ -3,7 +3,8 @@ import grain
 import numpy as np
 import pytest
 
-from jfacerec.data.pipeline import Augment, eval_batches, random_crop_flip, train_dataset
+from jfacerec.data.pipeline import (ERASE_AREA, Augment, eval_batches, random_crop_flip,
+                                    random_erase, train_dataset)
 from jfacerec.data.records import SyntheticSource
 
 
@@ -96,6 +97,26 @@ def test_crop_flip_is_a_resized_crop():
                                Augment(flip=True, min_scale=1.0, max_aspect_change=0.0))
     assert np.array_equal(flipped, image) or np.array_equal(flipped, image[:, ::-1])
 
+
+
+def test_random_erasing_hides_one_rectangle_of_the_drawn_size_as_often_as_asked():
+    """erase 0.5: about half the images get one rectangle of noise covering ERASE_AREA of the
+    image, the rest of each image untouched; erase 0 returns the image without drawing."""
+    image = np.full((40, 40, 3), 128, np.uint8)
+    rng = np.random.default_rng(0)
+    assert random_erase(image, rng, 0.0) is image
+    assert rng.bit_generator.state == np.random.default_rng(0).bit_generator.state
+    changed = np.stack([(random_erase(image, rng, 0.5) != 128).any(-1) for _ in range(400)])
+    erased = changed.any((1, 2))
+    assert 0.42 < erased.mean() < 0.58
+    for mask in changed[erased]:
+        rows, cols = np.nonzero(mask.any(1))[0], np.nonzero(mask.any(0))[0]
+        box = (rows[-1] - rows[0] + 1) * (cols[-1] - cols[0] + 1)
+        # noise equal to 128 in all three channels is left out of the mask: about 1 in 16M
+        assert mask.sum() == box
+        assert ERASE_AREA[0] * 0.5 <= box / mask.size <= ERASE_AREA[1] * 1.3
+    out = random_crop_flip(image, np.random.default_rng(1), 40, Augment(flip=False, erase=1.0))
+    assert (out != 128).any() and image.max() == 128
 
 def test_eval_batches_cover_everything_in_order(source):
     batches = list(eval_batches(source, batch_size=7, image_size=20))

@@ -24,7 +24,8 @@ from jfacerec.data.records import Source, labels_of
 @dataclasses.dataclass(frozen=True)
 class Augment:
     """Training augmentation. `min_scale`: the smallest crop side, as a fraction of the image.
-    brightness, contrast, saturation: the largest relative change of each (0 leaves it alone)."""
+    brightness, contrast, saturation: the largest relative change of each (0 leaves it alone).
+    erase: the probability of random erasing (see `random_erase`; 0: never)."""
 
     flip: bool = True
     min_scale: float = 0.8
@@ -32,6 +33,7 @@ class Augment:
     brightness: float = 0.0
     contrast: float = 0.0
     saturation: float = 0.0
+    erase: float = 0.0
 
 
 def normalize(images: np.ndarray) -> np.ndarray:
@@ -59,11 +61,34 @@ def color_jitter(image: np.ndarray, rng: np.random.Generator, augment: Augment) 
     return np.round(np.clip(x, 0.0, 255.0)).astype(np.uint8)
 
 
+# Random erasing's rectangle: its area as a fraction of the image, and its height / width.
+ERASE_AREA = (0.02, 0.25)
+ERASE_ASPECT = (0.3, 3.3)
+
+
+def random_erase(image: np.ndarray, rng: np.random.Generator, probability: float) -> np.ndarray:
+    """With `probability`, a rectangle of uint8 [h, w, 3] (ERASE_AREA of it, aspect within
+    ERASE_ASPECT, anywhere it fits) replaced by uniform noise, as in Zhong et al.'s random
+    erasing: a face must be recognised with a part of it hidden (a hand, glasses, a shadow). The
+    generator is only drawn from when `probability` > 0."""
+    if not probability or rng.uniform() >= probability:
+        return image
+    h, w = image.shape[:2]
+    area = rng.uniform(*ERASE_AREA) * h * w
+    aspect = np.exp(rng.uniform(*np.log(ERASE_ASPECT)))
+    eh = min(h, max(1, int(round(np.sqrt(area * aspect)))))
+    ew = min(w, max(1, int(round(np.sqrt(area / aspect)))))
+    top, left = int(rng.integers(0, h - eh + 1)), int(rng.integers(0, w - ew + 1))
+    out = image.copy()
+    out[top:top + eh, left:left + ew] = rng.integers(0, 256, (eh, ew, image.shape[2]), np.uint8)
+    return out
+
+
 def random_crop_flip(image: np.ndarray, rng: np.random.Generator, size: int,
                      augment: Augment) -> np.ndarray:
     """A random crop (side min_scale..1 of the image, aspect within 1 +- max_aspect_change) resized
     to [size, size, 3], flipped left-right with probability 1/2 when `augment.flip`, then color
-    jitter."""
+    jitter and random erasing."""
     h, w = image.shape[:2]
     scale = rng.uniform(augment.min_scale, 1.0)
     aspect = rng.uniform(1.0 - augment.max_aspect_change, 1.0 + augment.max_aspect_change)
@@ -74,7 +99,8 @@ def random_crop_flip(image: np.ndarray, rng: np.random.Generator, size: int,
     crop = image[top:top + ch, left:left + cw]
     if augment.flip and rng.uniform() < 0.5:
         crop = crop[:, ::-1]
-    return color_jitter(resize(np.ascontiguousarray(crop), size), rng, augment)
+    image = color_jitter(resize(np.ascontiguousarray(crop), size), rng, augment)
+    return random_erase(image, rng, augment.erase)
 
 
 class _TrainTransform(grain.transforms.RandomMap):
