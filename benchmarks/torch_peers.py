@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from jfacerec.losses.objectives import Objective
-from jfacerec.models import layers
+from jfacerec.models import layers, scaled_widths
 
 
 def torch_norm(kind: str, channels: int, groups: int) -> nn.Module:
@@ -234,14 +234,15 @@ def torch_model(config, classes: int) -> nn.Module:
     its loss needs (a linear classifier for softmax, a CosineClassifier for a margin loss),
     initialised as jfacerec's (`init_as_jfacerec`)."""
     m = config.model
-    if m.width_multiplier != 1.0 or m.get("dropblock", 0.0):
-        raise ValueError("the torch peers are written for width 1 without DropBlock; set "
-                         "model.width_multiplier=1.0, model.dropblock=0")
-    if m.dropout and m.name != "resnet_tiny":
-        raise ValueError(f"the torch peer of {m.name!r} has no dropout; set model.dropout=0")
+    if m.get("dropblock", 0.0):
+        raise ValueError("the torch peers are written without DropBlock; set model.dropblock=0")
+    if m.name != "resnet_tiny" and (m.dropout or m.width_multiplier != 1.0):
+        raise ValueError(f"the torch peer of {m.name!r} is written for width 1 without dropout; "
+                         f"set model.width_multiplier=1.0, model.dropout=0")
     if m.name == "resnet_tiny":
-        model = ResNetTiny([24, 48, 96, 192], m.embedding_dim, classes, m.norm, m.norm_groups,
-                           m.pool, config.image_size, m.dropout, m.embedding_norm)
+        model = ResNetTiny(scaled_widths((24, 48, 96, 192), m.width_multiplier),
+                           m.embedding_dim, classes, m.norm, m.norm_groups, m.pool,
+                           config.image_size, m.dropout, m.embedding_norm)
     elif m.name == "iresnet18":
         model = IResNet([2, 2, 2, 2], [64, 128, 256, 512], m.embedding_dim, classes,
                         config.image_size, m.norm, m.norm_groups)

@@ -129,12 +129,13 @@ def test_time_to_accuracy_benchmark_snapshots_both_sides_within_the_budget(tmp_p
     assert saved == result and (tmp_path / "out" / "time_to_accuracy.png").stat().st_size > 0
 
 
-@pytest.mark.parametrize("pool,embedding_norm", [("mean", ""), ("flatten", "batch")])
-def test_the_torch_peer_starts_where_jfacerec_starts(pool, embedding_norm):
+@pytest.mark.parametrize("pool,embedding_norm,width", [("mean", "", 1.0),
+                                                       ("flatten", "batch", 1.5)])
+def test_the_torch_peer_starts_where_jfacerec_starts(pool, embedding_norm, width):
     """Weights of each shape drawn with the same spread on both sides, the same zero norm scales:
     the time-to-accuracy comparison then trains one recipe, not two initialisations. With the
     flatten pool the embedding's kernel has a row per position and channel (2 x 2 x 192 at 32
-    px) on both sides; with an embedding norm both have its 128 unit scales."""
+    px and width 1) on both sides; with an embedding norm both have its 128 unit scales."""
     import collections
 
     import jax
@@ -145,7 +146,7 @@ def test_the_torch_peer_starts_where_jfacerec_starts(pool, embedding_norm):
     import torch_peers
 
     config = config_base.base_config()
-    config.model.update(name="resnet_tiny", norm="batch", width_multiplier=1.0, dropout=0.0,
+    config.model.update(name="resnet_tiny", norm="batch", width_multiplier=width, dropout=0.0,
                         pool=pool, embedding_norm=embedding_norm)
     config.loss.name = "cosface"
     classes = 300
@@ -178,7 +179,7 @@ def test_the_torch_peer_starts_where_jfacerec_starts(pool, embedding_norm):
             theirs.append((("scale", p.size, float(p.mean())), p))
     ours, theirs = spread(ours), spread(theirs)
     assert sorted(ours, key=str) == sorted(theirs, key=str)
-    assert (128, 192 * (4 if pool == "flatten" else 1)) in theirs
+    assert (128, round(192 * width) * (4 if pool == "flatten" else 1)) in theirs
     assert (("scale", 128, 1.0) in theirs) == bool(embedding_norm)
     for shape, std in ours.items():
         assert abs(theirs[shape] - std) <= 0.1 * std + 1e-9, (shape, std, theirs[shape])

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import flax.linen as nn
 import jax
@@ -73,7 +73,8 @@ class FaceModel(nn.Module):
         return self.classify(embeddings)
 
 
-def _scaled(widths, multiplier: float) -> list[int]:
+def scaled_widths(widths: Sequence[int], multiplier: float) -> list[int]:
+    """Each stage's channels times `multiplier` (model.width_multiplier), at least 1."""
     return [max(1, int(round(w * multiplier))) for w in widths]
 
 
@@ -99,14 +100,14 @@ def _builder(make_backbone, default_norm: str):
 def _resnet(stage_sizes, widths, block="basic", stem="small", stem_strides=1):
     def make(*, width_multiplier, embedding_dim, dropout, dropblock, **kw):
         del embedding_dim, dropout
-        return ResNet(stage_sizes, _scaled(widths, width_multiplier), block=block, stem=stem,
+        return ResNet(stage_sizes, scaled_widths(widths, width_multiplier), block=block, stem=stem,
                       stem_strides=stem_strides, dropblock=dropblock, **kw), False
     return _builder(make, "group")
 
 
 def _iresnet(stage_sizes):
     def make(*, width_multiplier, **kw):
-        return IResNet(stage_sizes, _scaled((64, 128, 256, 512), width_multiplier), **kw), True
+        return IResNet(stage_sizes, scaled_widths((64, 128, 256, 512), width_multiplier), **kw), True
     return _builder(make, "batch")
 
 
@@ -122,7 +123,7 @@ def _mobilenetv2(*, embedding_dim, dropout, **kw):
 def _convnext(depths, dims):
     def make(*, width_multiplier, embedding_dim, dropout, **kw):
         del embedding_dim, dropout
-        return ConvNeXt(depths, _scaled(dims, width_multiplier), **kw), False
+        return ConvNeXt(depths, scaled_widths(dims, width_multiplier), **kw), False
     return _builder(make, "layer")
 
 
@@ -175,4 +176,5 @@ def from_config(config: ml_collections.ConfigDict, num_classes: int,
                      pool=m.pool, embedding_norm=m.embedding_norm)
 
 
-__all__ = ["FaceModel", "NORMS", "Norm", "from_config", "get_model", "registered_models"]
+__all__ = ["FaceModel", "NORMS", "Norm", "from_config", "get_model", "registered_models",
+           "scaled_widths"]
