@@ -53,6 +53,19 @@ def test_step_zero_has_the_source_weights_and_embeddings(source, tmp_path):
         np.asarray(embed(variables, faces)))
 
 
+def test_a_fine_tune_with_a_moving_average_starts_it_at_the_source_and_trains(source, tmp_path):
+    """The average starts as copies of the source's weights (the step donates the state, and
+    XLA refuses one buffer donated twice), then trails the trained parameters."""
+    workdir, variables = source
+    start = fine_tune(workdir, tmp_path / "ft0", total_steps=0, **{"ema.decay": 0.9})
+    chex.assert_trees_all_equal(start.ema_params, variables["params"])
+    state = fine_tune(workdir, tmp_path / "ft", total_steps=10, **{"ema.decay": 0.9})
+    assert int(state.step) == 10
+    kernel = lambda params: np.asarray(params["embed_head"]["proj"]["kernel"])  # noqa: E731
+    source_kernel = kernel(variables["params"])
+    assert not np.allclose(kernel(state.ema_params), source_kernel)
+    assert not np.allclose(kernel(state.ema_params), kernel(state.params))
+
 def test_other_classes_get_a_new_head_and_keep_the_backbone(source, tmp_path):
     workdir, variables = source
     state = fine_tune(workdir, tmp_path / "ft", total_steps=0, **{"dataset.num_identities": 6})

@@ -16,6 +16,7 @@ import os
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 
 from jfacerec.core import parallel, storage
 from jfacerec.core.checkpoint import Checkpointer, select_step
@@ -81,6 +82,8 @@ def load_into(state: TrainState, init_from: str, mesh: jax.sharding.Mesh) -> tup
     state = state.replace(params=params, batch_stats=placed(source["batch_stats"],
                                                             state.batch_stats))
     if isinstance(state, EmaTrainState):
-        state = state.replace(ema_params=params)
+        # Copies, not the same arrays: the train step donates the state, and one buffer
+        # donated twice (params and their average) is refused by XLA.
+        state = state.replace(ema_params=jax.tree.map(jnp.copy, params))
     head = "and the head" if same_head else f"(a new head: {classes} classes there)"
     return state, f"initialised from step {got} of {workdir}: the backbone {head}"
