@@ -258,3 +258,18 @@ def test_no_config_key_shares_a_name_with_a_configdict_attribute():
     shadowed = [path for path, key in keys(config_base.base_config())
                 if hasattr(ml_collections.ConfigDict, key)]
     assert not shadowed, f"rename these config keys: {shadowed}"
+
+
+@pytest.mark.parametrize("arg", ["lfw", "lfw,runlocal"])
+def test_orl_lfw_fine_tunes_the_lfw_recipes_model_at_its_face_size(arg):
+    """configs/orl.py:lfw starts from configs/lfw.py's workdir: the same model and face size
+    (its runlocal's with runlocal), so that the checkpoint restores; dropout off."""
+    orl = config_base.load(f"{CONFIG_DIR}/orl.py:{arg}")
+    lfw = config_base.load(f"{CONFIG_DIR}/lfw.py" + (":runlocal" if "runlocal" in arg else ""))
+    assert orl.init_from == os.path.join("workdirs", "lfw", "fold_00")
+    assert orl.image_size == lfw.image_size
+    assert orl.model.to_dict() == {**lfw.model.to_dict(), "dropout": 0.0}
+    assert orl.model.dropout == 0.0 < lfw.model.dropout
+    assert orl.optimizer.learning_rate == lfw.optimizer.learning_rate / 10
+    assert orl.dataset.name == "orl" and orl.loss.name == lfw.loss.name
+
