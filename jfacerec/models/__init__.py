@@ -107,7 +107,8 @@ def _resnet(stage_sizes, widths, block="basic", stem="small", stem_strides=1):
 
 def _iresnet(stage_sizes):
     def make(*, width_multiplier, **kw):
-        return IResNet(stage_sizes, scaled_widths((64, 128, 256, 512), width_multiplier), **kw), True
+        widths = scaled_widths((64, 128, 256, 512), width_multiplier)
+        return IResNet(stage_sizes, widths, **kw), True
     return _builder(make, "batch")
 
 
