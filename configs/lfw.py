@@ -42,7 +42,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
                            contrast=0.2, saturation=0.2)
     # the learning curve: the fold's pairs every 500 steps (W/fold_XX/validation.png); the
     # protocol scores the last step, never the best one
-    c.eval.update(batch_size=256, flip=True, every_steps=500, sets="pairs")
+    # whitening by the training people's within-person covariance, shrunk by 0.2 (chosen on
+    # pairsDevTrain over four trained models: +0.011 accuracy, +0.008 AUC on average)
+    c.eval.update(batch_size=256, flip=True, every_steps=500, sets="pairs", wccn=0.2)
 
     if "runlocal" in variant:
         c.image_size = 32

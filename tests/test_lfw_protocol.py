@@ -14,8 +14,10 @@ pytestmark = pytest.mark.slow
 @needs_lfw
 def test_lfw_protocol_on_two_view2_folds(tmp_path):
     from jfacerec import metrics
-    from jfacerec.data.pairs import read_lfw_pairs
+    from jfacerec.data.pairs import pair_images, read_lfw_pairs
     from jfacerec.evaluation import lfw
+    from jfacerec.inference import wccn
+    from jfacerec.inference.recognizer import load
 
     people = sorted(n for n in os.listdir(LFW) if len(os.listdir(os.path.join(LFW, n))) >= 3)
     folds = [people[0:4], people[4:8]]
@@ -42,18 +44,30 @@ def test_lfw_protocol_on_two_view2_folds(tmp_path):
         trained_on = json.loads((tmp_path / "w" / f"fold_{fold:02d}" / "identities.json")
                                 .read_text())
         assert not set(names) & set(trained_on)
-    # Its last validation is the protocol's scoring of the same model on the same pairs.
-    for fold in results["per_fold"]:
+    # The recipe's scores whiten by each fold's own training faces; the plain cosine's figures
+    # stay beside them.
+    assert results["wccn"] == config.eval.wccn > 0
+    cosine = results["without_wccn"]
+    for fold, plain in zip(results["per_fold"], cosine["per_fold"]):
         fold_dir = tmp_path / "w" / f"fold_{fold['fold']:02d}"
+        pairs = read_lfw_pairs(str(tmp_path / "pairs.txt"))[fold["fold"]]
+        same = np.array([p.same for p in pairs])
+        fold_config = config.copy_and_resolve_references()
+        fold_config.dataset.fold = fold["fold"]
+        whitening = lfw.fit_wccn(fold_config, load(str(fold_dir)))
+        unique, first, second = pair_images(pairs, LFW)
+        embeddings = wccn.apply(whitening, load(str(fold_dir)).embed_files(unique))
+        whitened = np.sum(embeddings[first] * embeddings[second], axis=-1)
+        assert fold["auc"] == pytest.approx(metrics.roc_auc(whitened, same), abs=1e-6)
+        # Its last validation is the protocol's cosine scoring of the same model on the same
+        # pairs,
         records = [json.loads(line) for line in (fold_dir / "metrics.jsonl").read_text()
                    .splitlines()]
         curve = [(r["step"], r["val/pairs/auc"], r["val/pairs/accuracy"]) for r in records
                  if "val/pairs/auc" in r]
         assert [step for step, _, _ in curve] == [2, 4]
-        assert curve[-1][1] == pytest.approx(fold["auc"], abs=1e-6)
+        assert curve[-1][1] == pytest.approx(plain["auc"], abs=1e-6)
         # and its accuracy is cross-validated on folds holding both kinds, as the protocol's
-        pairs = read_lfw_pairs(str(tmp_path / "pairs.txt"))[fold["fold"]]
-        same = np.array([p.same for p in pairs])
         scores = lfw.score_pairs(str(fold_dir), pairs, LFW)
         stratified = metrics.kfold_accuracy(scores, same, metrics.stratified_folds(same, 4))
         assert curve[-1][2] == pytest.approx(stratified.mean, abs=1e-6)

@@ -109,7 +109,10 @@ def base_config() -> ml_collections.ConfigDict:
         # validation during training: every `every_steps` steps (0: never) on `sets`, comma-
         # separated `.bin` files and/or "unseen" (the dataset's unseen-identity pairs); the best
         # checkpoint by `best_metric` ("SET/METRIC"; "": the first set's accuracy) is kept too
-        every_steps=0, sets="", best_metric=""))
+        every_steps=0, sets="", best_metric="",
+        # the LFW protocol's whitening of each fold's embeddings by the within-person covariance
+        # of its training faces, shrunk by this much toward the identity (0: off; inference/wccn)
+        wccn=0.0))
     # The eigenfaces baseline of the ORL protocol (jfacerec.evaluation.orl).
     c.eigenfaces = ml_collections.ConfigDict(dict(components=40))
     return c

@@ -13,6 +13,10 @@ with a single fold (View 1's pairsDevTest.txt, or one View 2 fold) it is chosen 
 cross-validation within the fold's pairs, each tenth holding a tenth of the matched and of the
 mismatched pairs (metrics.stratified_folds: pairsDevTest.txt lists all its matched pairs
 first). Also AUC, EER and TAR@FAR over all scored pairs.
+With `eval.wccn` (a shrinkage in (0, 1]; 0: off), each fold's pair embeddings are first
+whitened by the within-person covariance of that fold's own training faces (inference/wccn.py);
+the plain cosine's figures are kept beside them under "without_wccn" (the learning curve is of
+the plain cosine).
 Writes W/lfw_results.json, W/lfw_roc.png and W/lfw_scores.png.
 """
 
@@ -27,17 +31,31 @@ from absl import app, flags
 
 from jfacerec import metrics
 from jfacerec.data.pairs import LfwPair, pair_images, read_lfw_pairs
+from jfacerec.data import sources
 from jfacerec.evaluation import plots, protocols, validation
-from jfacerec.inference.recognizer import load
+from jfacerec.inference import wccn
+from jfacerec.inference.recognizer import FaceRecognizer, load
 from jfacerec.core import cli, storage
 from jfacerec.core.atomic import atomic_open
+
+
+def _cosines(embeddings: np.ndarray, first: np.ndarray, second: np.ndarray) -> np.ndarray:
+    """[pairs]: the cosine of each pair of unit embeddings [n, dim] (indices [pairs])."""
+    return np.sum(embeddings[first] * embeddings[second], axis=-1)
 
 
 def score_pairs(workdir: str, pairs: list[LfwPair], root: str) -> np.ndarray:
     """Cosine scores [len(pairs)] of the model trained in `workdir`."""
     unique, first, second = pair_images(pairs, root)
-    embeddings = load(workdir).embed_files(unique, desc="pairs")
-    return np.sum(embeddings[first] * embeddings[second], axis=-1)
+    return _cosines(load(workdir).embed_files(unique, desc="pairs"), first, second)
+
+
+def fit_wccn(config, recognizer: FaceRecognizer) -> wccn.Wccn:
+    """WCCN (shrinkage `config.eval.wccn`) of `recognizer`'s embeddings, fitted on the training
+    faces `config` names (a fold's own: never the pairs it scores)."""
+    train = sources.get_dataset(config).train
+    embeddings = recognizer.embed_files(list(train.files.paths), desc="wccn fit")
+    return wccn.fit(embeddings, train.files.labels, float(config.eval.wccn))
 
 
 def fold_accuracies(scores: list[np.ndarray], same: list[np.ndarray]
@@ -53,6 +71,24 @@ def fold_accuracies(scores: list[np.ndarray], same: list[np.ndarray]
     return accuracies, thresholds, float(np.std(accuracies))
 
 
+def summary(folds: list[int], scores: list[np.ndarray], same: list[np.ndarray]) -> dict:
+    """The protocol's figures of the scores [pairs] and truths [pairs] of each fold in `folds`:
+    per fold (accuracy, threshold, AUC) and over all (accuracy mean and spread, AUC, EER, TAR)."""
+    accuracies, thresholds, spread = fold_accuracies(scores, same)
+    all_scores, all_same = np.concatenate(scores), np.concatenate(same)
+    return {
+        "per_fold": [{"fold": f, "accuracy": a, "threshold": t, "num_pairs": len(s),
+                      "auc": metrics.roc_auc(s, y)}
+                     for f, a, t, s, y in zip(folds, accuracies, thresholds, scores, same)],
+        "accuracy_mean": float(np.mean(accuracies)),
+        "accuracy_std": spread,
+        "auc": metrics.roc_auc(all_scores, all_same),
+        "eer": metrics.eer(all_scores, all_same),
+        "tar@far=1e-2": metrics.tar_at_far(all_scores, all_same, 1e-2),
+        "tar@far=1e-3": metrics.tar_at_far(all_scores, all_same, 1e-3),
+    }
+
+
 def run(config, workdir: str, folds: list[int] | None = None) -> dict:
     """Trains and scores the selected folds (all by default); returns the results dict."""
     from jfacerec.training import train  # deferred: after distributed initialisation
@@ -61,7 +97,7 @@ def run(config, workdir: str, folds: list[int] | None = None) -> dict:
     folds = list(range(len(all_folds))) if folds is None else folds
     if bad := [f for f in folds if not 0 <= f < len(all_folds)]:
         raise ValueError(f"{config.dataset.pairs} has {len(all_folds)} folds; no fold {bad}")
-    scores, same, durations = [], [], []
+    cosines, whitened, same, durations = [], [], [], []
     for fold in folds:
         fold_config = copy.deepcopy(config)
         fold_config.dataset.fold = fold
@@ -70,11 +106,16 @@ def run(config, workdir: str, folds: list[int] | None = None) -> dict:
         train(fold_config, fold_dir, validation.from_config(fold_config))
         plots.training_curves(fold_dir)
         pairs = all_folds[fold]
-        scores.append(score_pairs(fold_dir, pairs, config.dataset.root))
+        recognizer = load(fold_dir)
+        unique, first, second = pair_images(pairs, config.dataset.root)
+        embeddings = recognizer.embed_files(unique, desc="pairs")
+        cosines.append(_cosines(embeddings, first, second))
+        if config.eval.wccn:
+            whitening = fit_wccn(fold_config, recognizer)
+            whitened.append(_cosines(wccn.apply(whitening, embeddings), first, second))
         same.append(np.array([p.same for p in pairs]))
         durations.append(time.time() - start)
-    accuracies, thresholds, spread = fold_accuracies(scores, same)
-    all_scores, all_same = np.concatenate(scores), np.concatenate(same)
+    scores = whitened or cosines
     results = {
         "pairs_file": storage.absolute(config.dataset.pairs),
         "folds": folds,
@@ -82,24 +123,30 @@ def run(config, workdir: str, folds: list[int] | None = None) -> dict:
                                if len(folds) == 1
                                else "best threshold on the other evaluated folds",
         "flip_averaged": bool(config.eval.flip),
-        "per_fold": [{"fold": f, "accuracy": a, "threshold": t, "num_pairs": len(s),
-                      "auc": metrics.roc_auc(s, y), "seconds": d}
-                     for f, a, t, s, y, d in zip(folds, accuracies, thresholds, scores, same,
-                                                 durations)],
-        "accuracy_mean": float(np.mean(accuracies)),
-        "accuracy_std": spread,
-        "auc": metrics.roc_auc(all_scores, all_same),
-        "eer": metrics.eer(all_scores, all_same),
-        "tar@far=1e-2": metrics.tar_at_far(all_scores, all_same, 1e-2),
-        "tar@far=1e-3": metrics.tar_at_far(all_scores, all_same, 1e-3),
+        "wccn": float(config.eval.wccn),
+        **summary(folds, scores, same),
     }
+    for fold, seconds in zip(results["per_fold"], durations):
+        fold["seconds"] = seconds
+    if whitened:
+        results["without_wccn"] = summary(folds, cosines, same)
     with atomic_open(storage.join(workdir, "lfw_results.json")) as f:
         json.dump(results, f, indent=2)
-    plots.roc_plot(storage.join(workdir, "lfw_roc.png"),
-                    {f"{config.model.name} (LFW)": (all_scores, all_same)})
-    plots.score_histogram(storage.join(workdir, "lfw_scores.png"), all_scores, all_same,
-                           float(np.median(thresholds)))
+    all_same = np.concatenate(same)
+    curves = {f"{config.model.name}{', WCCN' if whitened else ''} (LFW)":
+              (np.concatenate(scores), all_same)}
+    if whitened:
+        curves[f"{config.model.name}, cosine (LFW)"] = (np.concatenate(cosines), all_same)
+    plots.roc_plot(storage.join(workdir, "lfw_roc.png"), curves)
+    plots.score_histogram(storage.join(workdir, "lfw_scores.png"), np.concatenate(scores),
+                          all_same, float(np.median([f["threshold"] for f in results["per_fold"]])))
     return results
+
+
+def _figures(r: dict) -> str:
+    return (f"{r['accuracy_mean']:.4f} +- {r['accuracy_std']:.4f}, AUC {r['auc']:.4f}, EER "
+            f"{r['eer']:.4f}, TAR@FAR=1e-2 {r['tar@far=1e-2']:.4f}, TAR@FAR=1e-3 "
+            f"{r['tar@far=1e-3']:.4f}")
 
 
 def main(argv):
@@ -122,10 +169,10 @@ def main(argv):
     for fold in results["per_fold"]:
         print(f"fold {fold['fold']}: accuracy {fold['accuracy']:.4f} (threshold "
               f"{fold['threshold']:.3f}), AUC {fold['auc']:.4f}")
-    print(f"LFW accuracy {results['accuracy_mean']:.4f} +- {results['accuracy_std']:.4f} "
-          f"({results['threshold_selection']}); AUC {results['auc']:.4f}, EER "
-          f"{results['eer']:.4f}, TAR@FAR=1e-2 {results['tar@far=1e-2']:.4f}, TAR@FAR=1e-3 "
-          f"{results['tar@far=1e-3']:.4f}")
+    print(f"LFW accuracy {_figures(results)} ({results['threshold_selection']}"
+          f"{'; WCCN %g' % results['wccn'] if results['wccn'] else ''})")
+    if "without_wccn" in results:
+        print(f"without WCCN: accuracy {_figures(results['without_wccn'])}")
     print(f"wrote {storage.join(f.workdir, 'lfw_results.json')} and lfw_roc.png")
 
 
