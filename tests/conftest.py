@@ -70,6 +70,27 @@ def config():
     return tiny_config()
 
 
+def small_lfw_pairs(path) -> list[list[str]]:
+    """A View 2-style pairs file at `path` over real LFW people with 3+ images: two folds of 2
+    matched then 2 mismatched pairs, 4 disjoint people each; returns each fold's people."""
+    people = sorted(n for n in os.listdir(LFW) if len(os.listdir(os.path.join(LFW, n))) >= 3)
+    folds = [people[0:4], people[4:8]]
+    lines = ["2\t2"]
+    for a, b, c, d in folds:
+        lines += [f"{a}\t1\t2", f"{b}\t1\t3", f"{c}\t1\t{d}\t2", f"{a}\t3\t{d}\t1"]
+    with open(path, "w") as f:
+        f.write("\n".join(lines) + "\n")
+    return folds
+
+
+def small_lfw_config(pairs):
+    """configs/lfw.py:runlocal shrunk to 4 steps at 16 px over `pairs` (people with 3+ images)."""
+    config = load_config("lfw.py:runlocal")
+    config.update(image_size=16, total_steps=4, checkpoint_every_steps=4, num_devices=1)
+    config.dataset.update(root=LFW, pairs=str(pairs), min_images=3)
+    return config
+
+
 def make_tree(root, identities=3, per_identity=4, size=24, ext="png"):
     """root/person_i/j.<ext>: synthetic faces as real files."""
     from jfacerec.data.synthetic import render_faces

@@ -14,7 +14,7 @@ import sys
 
 import pytest
 
-from conftest import LFW, REPO, needs_lfw
+from conftest import LFW, REPO, load_config, needs_lfw
 from jfacerec import models
 from jfacerec.core import config_base
 from jfacerec.models import summary
@@ -127,6 +127,32 @@ def test_time_to_accuracy_benchmark_snapshots_both_sides_within_the_budget(tmp_p
     assert result["machine"]["cpu_count"] > 0
     saved = json.loads((tmp_path / "out" / "time_to_accuracy.json").read_text())
     assert saved == result and (tmp_path / "out" / "time_to_accuracy.png").stat().st_size > 0
+
+
+@needs_lfw
+def test_wccn_benchmark_rescores_a_protocol_workdir_as_the_protocol_scores_it(tmp_path):
+    from jfacerec.evaluation import lfw
+
+    # 40 of View 1's pairs, training on the people with 20 images or more, 4 steps.
+    with open(os.path.join(os.path.dirname(LFW), "pairsDevTest.txt")) as f:
+        lines = f.read().splitlines()
+    pairs = tmp_path / "pairs.txt"
+    pairs.write_text("\n".join(["20", *lines[1:21], *lines[501:521]]) + "\n")
+    config = load_config("lfw.py:runlocal")
+    config.update(image_size=16, total_steps=4, checkpoint_every_steps=4, num_devices=1)
+    config.dataset.update(root=LFW, pairs=str(pairs), min_images=20, check=False)
+    protocol = lfw.run(config, str(tmp_path / "w"))
+    result = run_benchmark("lfw_wccn.py", str(tmp_path / "w"), "--shrinkage",
+                           f"{config.eval.wccn},1.0")
+    rows = result["workdirs"][str(tmp_path / "w")]
+    assert list(rows) == ["cosine", str(config.eval.wccn), "1.0"]
+    for name, protocol_figures in (("cosine", protocol["without_wccn"]),
+                                   (str(config.eval.wccn), protocol)):
+        assert rows[name]["accuracy"] == pytest.approx(protocol_figures["accuracy_mean"], abs=1e-6)
+        assert rows[name]["auc"] == pytest.approx(protocol_figures["auc"], abs=1e-6)
+    for name, change in result["mean_change"].items():
+        for figure, value in change.items():
+            assert value == pytest.approx(rows[name][figure] - rows["cosine"][figure])
 
 
 @pytest.mark.parametrize("pool,embedding_norm,width", [("mean", "", 1.0),

@@ -7,7 +7,7 @@ import os
 import numpy as np
 import pytest
 
-from conftest import LFW, load_config, needs_lfw
+from conftest import LFW, needs_lfw, small_lfw_config, small_lfw_pairs
 
 pytestmark = pytest.mark.slow
 
@@ -19,16 +19,9 @@ def test_lfw_protocol_on_two_view2_folds(tmp_path):
     from jfacerec.inference import wccn
     from jfacerec.inference.recognizer import load
 
-    people = sorted(n for n in os.listdir(LFW) if len(os.listdir(os.path.join(LFW, n))) >= 3)
-    folds = [people[0:4], people[4:8]]
-    lines = ["2\t2"]
-    for a, b, c, d in folds:  # per fold: 2 matched then 2 mismatched pairs, disjoint people
-        lines += [f"{a}\t1\t2", f"{b}\t1\t3", f"{c}\t1\t{d}\t2", f"{a}\t3\t{d}\t1"]
     pairs = tmp_path / "pairs.txt"
-    pairs.write_text("\n".join(lines) + "\n")
-    config = load_config("lfw.py:runlocal")
-    config.update(image_size=16, total_steps=4, checkpoint_every_steps=4, num_devices=1)
-    config.dataset.update(root=LFW, pairs=str(pairs), min_images=3)
+    folds = small_lfw_pairs(pairs)
+    config = small_lfw_config(pairs)
     # the learning curve: each fold validated on its own pairs during its training
     config.eval.update(every_steps=2, sets="pairs", folds=4)
     results = lfw.run(config, str(tmp_path / "w"), folds=[0, 1])
@@ -54,7 +47,8 @@ def test_lfw_protocol_on_two_view2_folds(tmp_path):
         same = np.array([p.same for p in pairs])
         fold_config = config.copy_and_resolve_references()
         fold_config.dataset.fold = fold["fold"]
-        whitening = lfw.fit_wccn(fold_config, load(str(fold_dir)))
+        whitening = wccn.fit(*lfw.training_embeddings(fold_config, load(str(fold_dir))),
+                             config.eval.wccn)
         unique, first, second = pair_images(pairs, LFW)
         embeddings = wccn.apply(whitening, load(str(fold_dir)).embed_files(unique))
         whitened = np.sum(embeddings[first] * embeddings[second], axis=-1)

@@ -50,12 +50,12 @@ def score_pairs(workdir: str, pairs: list[LfwPair], root: str) -> np.ndarray:
     return _cosines(load(workdir).embed_files(unique, desc="pairs"), first, second)
 
 
-def fit_wccn(config, recognizer: FaceRecognizer) -> wccn.Wccn:
-    """WCCN (shrinkage `config.eval.wccn`) of `recognizer`'s embeddings, fitted on the training
-    faces `config` names (a fold's own: never the pairs it scores)."""
+def training_embeddings(config, recognizer: FaceRecognizer) -> tuple[np.ndarray, np.ndarray]:
+    """(unit embeddings [n, dim], labels [n]) by `recognizer` of the training faces `config`
+    names: what WCCN is fitted on (a fold's own faces, never the pairs it scores)."""
     train = sources.get_dataset(config).train
-    embeddings = recognizer.embed_files(list(train.files.paths), desc="wccn fit")
-    return wccn.fit(embeddings, train.files.labels, float(config.eval.wccn))
+    embeddings = recognizer.embed_files(list(train.files.paths), desc="training faces")
+    return embeddings, train.files.labels
 
 
 def fold_accuracies(scores: list[np.ndarray], same: list[np.ndarray]
@@ -111,7 +111,8 @@ def run(config, workdir: str, folds: list[int] | None = None) -> dict:
         embeddings = recognizer.embed_files(unique, desc="pairs")
         cosines.append(_cosines(embeddings, first, second))
         if config.eval.wccn:
-            whitening = fit_wccn(fold_config, recognizer)
+            whitening = wccn.fit(*training_embeddings(fold_config, recognizer),
+                                 float(config.eval.wccn))
             whitened.append(_cosines(wccn.apply(whitening, embeddings), first, second))
         same.append(np.array([p.same for p in pairs]))
         durations.append(time.time() - start)
