@@ -537,6 +537,16 @@ def api_inputs(root):
         Image.fromarray(face).save(root / name)
 
 
+def wccn_inputs(root):
+    """api_inputs, and two pictures each of two other synthetic people to fit WCCN on."""
+    from jfacerec.data.synthetic import render_faces
+
+    api_inputs(root)
+    faces = render_faces(np.array([7, 7, 8, 8]), np.array([0, 1, 0, 1]), image_size=64)
+    for name, face in zip(("ann_1", "ann_2", "bob_1", "bob_2"), faces):
+        Image.fromarray(face).save(root / f"{name}.jpg")
+
+
 # A text the block contains -> its rule, or the reason it is skipped. Each python block must
 # match exactly one entry.
 PYTHON_BLOCKS: dict[str, PythonRule | str] = {
@@ -551,6 +561,8 @@ PYTHON_BLOCKS: dict[str, PythonRule | str] = {
         preamble=("import numpy as np\nfrom PIL import Image\n"
                   "pil_image = Image.open('a.jpg')\narray = np.asarray(Image.open('b.jpg'))\n"),
         reads=["workdirs/demo/eval/metrics.json", "gallery.npz"], files=api_inputs),
+    "wccn.fit(recognizer.embed(known)": PythonRule(reads=["workdirs/demo/eval/metrics.json"],
+                                                   files=wccn_inputs),
     "metrics.roc_auc(pair_scores, same)": PythonRule(preamble=(
         "import numpy as np\n"
         "rng = np.random.default_rng(0)\n"
