@@ -25,3 +25,42 @@ def test_orl_protocol_reports_cnn_and_eigenfaces(tmp_path):
     assert 0.0 <= results["cnn"]["closed_set_mean"] <= 1.0
     assert results["open_set_threshold"] == "chosen on the other splits"
     assert json.loads((tmp_path / "w" / "orl_results.json").read_text()) == results
+
+
+@needs_orl
+def test_the_open_set_is_matched_after_wccn_fitted_on_the_enrolled_faces(tmp_path):
+    import copy
+
+    import numpy as np
+
+    from jfacerec.data import sources
+    from jfacerec.evaluation import orl
+    from jfacerec.inference import wccn
+    from jfacerec.inference.recognizer import load
+
+    config = load_config("orl.py:runlocal")
+    config.update(total_steps=4, checkpoint_every_steps=4, num_devices=1)
+    config.dataset.root = os.path.join(DATA, "att_faces")
+    config.eval.wccn = 0.2
+    scores, best, truth = orl.open_set_split(config, str(tmp_path / "w"), 0)["cnn"]
+    split = copy.deepcopy(config)
+    split.dataset.known_identities = config.dataset.open_set_known
+    data = sources.get_dataset(split)
+    model = load(str(tmp_path / "w" / "open_00"))
+    known = model.embed_files(list(data.train.files.paths))
+    queries = model.embed_files(list(data.test.files.paths) + list(data.unseen.files.paths))
+
+    def nearest_template(gallery, probes):
+        sums = np.zeros((len(data.train.files.names), gallery.shape[1]))
+        np.add.at(sums, data.train.files.labels, gallery)
+        similarity = probes @ (sums / np.linalg.norm(sums, axis=1, keepdims=True)).T
+        return similarity.max(axis=1), similarity.argmax(axis=1)
+
+    whitening = wccn.fit(known, data.train.files.labels, 0.2)
+    expected, expected_best = nearest_template(wccn.apply(whitening, known),
+                                               wccn.apply(whitening, queries))
+    np.testing.assert_allclose(scores, expected, atol=1e-5)
+    np.testing.assert_array_equal(best, expected_best)
+    assert np.sum(truth == -1) == len(data.unseen)
+    plain, _ = nearest_template(known, queries)
+    assert np.abs(scores - plain).max() > 1e-2

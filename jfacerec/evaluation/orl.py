@@ -8,6 +8,8 @@ the same images in the same run:
   other image is a query, answered with a known subject or "unknown" (W/open_XX). The unknown
   threshold of each split is chosen on the other splits (on the split itself, flagged, when only
   one is run).
+  With `eval.wccn` (a shrinkage; 0: off) the gallery and the queries are whitened by the
+  within-person covariance of the enrolled images (inference/wccn.py) before they are matched.
 Writes W/orl_results.json.
 """
 
@@ -26,7 +28,8 @@ from jfacerec.core import cli, storage
 from jfacerec.core.atomic import atomic_open
 from jfacerec.data import sources
 from jfacerec.data.records import ImageFileSource
-from jfacerec.inference.gallery import enroll
+from jfacerec.inference import wccn
+from jfacerec.inference.gallery import from_embeddings
 
 
 def grey_pixels(source: ImageFileSource) -> np.ndarray:
@@ -76,11 +79,15 @@ def open_set_split(config, workdir: str, split: int) -> dict[str, tuple[np.ndarr
     run_dir = storage.join(workdir, f"open_{split:02d}")
     train(c, run_dir)
     recognizer = load(run_dir)
-    gallery = enroll(recognizer, data.train.files)
+    known = recognizer.embed_files(list(data.train.files.paths), desc="enroll")
+    queries = recognizer.embed_files(list(data.test.files.paths) + list(data.unseen.files.paths))
+    if config.eval.wccn:
+        whitening = wccn.fit(known, data.train.files.labels, float(config.eval.wccn))
+        known, queries = wccn.apply(whitening, known), wccn.apply(whitening, queries)
+    gallery = from_embeddings(recognizer, data.train.files, known)
     known_names = list(data.train.files.names)
-    queries = list(data.test.files.paths) + list(data.unseen.files.paths)
     truth = np.r_[data.test.labels(), np.full(len(data.unseen), -1)]
-    matches = gallery.identify(recognizer.embed_files(queries), k=1, threshold=-np.inf)
+    matches = gallery.identify(queries, k=1, threshold=-np.inf)
     cnn = (np.array([m.score for m in matches]),
            np.array([known_names.index(m.name) for m in matches]), truth)
     train_x = grey_pixels(data.train)

@@ -209,6 +209,17 @@ def enroll(recognizer: Embedder, files: ImageFiles, *, keep: str = "mean",
     if keep not in KEEP:
         raise ValueError(f"keep must be one of {KEEP}, got {keep!r}")
     embeddings = recognizer.embed_files(list(files.paths), landmarks=landmarks, desc="enroll")
+    return from_embeddings(recognizer, files, embeddings, keep=keep, threshold=threshold)
+
+
+def from_embeddings(recognizer: Embedder, files: ImageFiles, embeddings: np.ndarray, *,
+                    keep: str = "mean", threshold: float | None = None) -> Gallery:
+    """`enroll` of embeddings [len(files), dim] the caller made of `files` with `recognizer`
+    (transformed, say by WCCN: then queries need the same transform)."""
+    if keep not in KEEP:
+        raise ValueError(f"keep must be one of {KEEP}, got {keep!r}")
+    if len(embeddings) != len(files.paths):
+        raise ValueError(f"{len(embeddings)} embeddings for {len(files.paths)} files")
     names = np.array(files.names)[files.labels]
     if keep == "mean":
         sums = np.zeros((len(files.names), embeddings.shape[1]), np.float64)
