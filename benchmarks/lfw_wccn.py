@@ -22,7 +22,6 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from jfacerec import metrics  # noqa: E402
 from jfacerec.core import workdir as workdir_files  # noqa: E402
 from jfacerec.data.pairs import pair_images, read_lfw_pairs  # noqa: E402
 from jfacerec.evaluation import lfw  # noqa: E402
@@ -37,9 +36,9 @@ def figures(embeddings: np.ndarray, first: np.ndarray, second: np.ndarray, same:
     """The protocol's figures of the cosines of unit embeddings [n, dim] paired by first and
     second [pairs] with truths same [pairs]."""
     scores = np.sum(embeddings[first] * embeddings[second], axis=-1)
-    kfold = metrics.kfold_accuracy(scores, same, metrics.stratified_folds(same, 10))
-    return {"accuracy": kfold.mean, "auc": metrics.roc_auc(scores, same),
-            "tar@far=1e-3": metrics.tar_at_far(scores, same, 1e-3)}
+    protocol = lfw.summary([0], [scores], [same])
+    return {"accuracy": protocol["accuracy_mean"], "auc": protocol["auc"],
+            "tar@far=1e-3": protocol["tar@far=1e-3"]}
 
 
 def rescore(workdir: str, shrinkages: list[float]) -> dict[str, dict[str, float]]:

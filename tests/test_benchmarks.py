@@ -96,13 +96,18 @@ def test_packed_benchmark_runs_on_lfw():
     assert all(rate > 0 for rate in result["rates"].values())
 
 
+def view1_sample(path):
+    """pairsDevTest.txt's first 20 matched and first 20 mismatched pairs, written to `path`."""
+    with open(os.path.join(os.path.dirname(LFW), "pairsDevTest.txt")) as f:
+        lines = f.read().splitlines()
+    path.write_text("\n".join(["20", *lines[1:21], *lines[501:521]]) + "\n")
+    return path
+
+
 @needs_lfw
 def test_time_to_accuracy_benchmark_snapshots_both_sides_within_the_budget(tmp_path):
     # 40 of View 1's pairs (scored in a second), training on the people with 20 images or more.
-    with open(os.path.join(os.path.dirname(LFW), "pairsDevTest.txt")) as f:
-        lines = f.read().splitlines()
-    pairs = tmp_path / "pairs.txt"
-    pairs.write_text("\n".join(["20", *lines[1:21], *lines[501:521]]) + "\n")
+    pairs = view1_sample(tmp_path / "pairs.txt")
     minutes = (0.05, 0.1)
     result = run_benchmark(
         "time_to_accuracy.py", "--config", "configs/lfw.py:runlocal",
@@ -134,10 +139,7 @@ def test_wccn_benchmark_rescores_a_protocol_workdir_as_the_protocol_scores_it(tm
     from jfacerec.evaluation import lfw
 
     # 40 of View 1's pairs, training on the people with 20 images or more, 4 steps.
-    with open(os.path.join(os.path.dirname(LFW), "pairsDevTest.txt")) as f:
-        lines = f.read().splitlines()
-    pairs = tmp_path / "pairs.txt"
-    pairs.write_text("\n".join(["20", *lines[1:21], *lines[501:521]]) + "\n")
+    pairs = view1_sample(tmp_path / "pairs.txt")
     config = load_config("lfw.py:runlocal")
     config.update(image_size=16, total_steps=4, checkpoint_every_steps=4, num_devices=1)
     config.dataset.update(root=LFW, pairs=str(pairs), min_images=20, check=False)
