@@ -1,7 +1,7 @@
 """python -m jfacerec.gallery enroll | identify: 1:N search of queries against known people.
 
     python -m jfacerec.gallery enroll --workdir DIR --images KNOWN_ROOT --out gallery.npz \
-        [--keep mean|all] [--threshold T] [--landmarks CSV]
+        [--keep mean|all] [--threshold T] [--landmarks CSV] [--wccn SHRINKAGE]
     python -m jfacerec.gallery identify --gallery gallery.npz --images QUERY_DIR \
         --out matches.csv [--threshold T] [--top-k K] [--workdir DIR] [--landmarks CSV]
 
@@ -9,7 +9,10 @@ KNOWN_ROOT is an identity-folder tree (`<name>/<image>`). QUERY_DIR is a folder 
 tree of identity folders (then accuracy is reported: a query whose name is not enrolled should come
 out unknown). matches.csv: `id,label,score` (label `n000000` for unknown) and, with --top-k K > 1,
 `label_2,score_2 ... label_K,score_K`. With --landmarks (a CSV `path,x1,y1,...,x5,y5`, paths
-relative to --images or absolute), every image is aligned by its five points first.
+relative to --images or absolute), every image is aligned by its five points first. With --wccn
+(a shrinkage, e.g. 0.2 as configs/lfw.py's eval.wccn), enroll fits WCCN on the enrolled images
+(identities need two or more) and the gallery and every query are whitened by it: scores then
+run on another scale than the cosine, so give such a gallery its own --threshold.
 
 enroll embeds the images batch by batch as they are read (never all of them in memory at once).
 identify searches a gallery of more than SHARD_ABOVE rows (65,536; in
@@ -49,13 +52,15 @@ def _enroll_main(f) -> None:
     recognizer = load(f.workdir)
     files = scan_identity_folders(storage.absolute(f.images), strict=f.strict)
     gallery = enroll(recognizer, files, keep=f.keep, threshold=f.threshold,
-                     landmarks=_landmarks(f, files.paths))
+                     landmarks=_landmarks(f, files.paths), wccn=f.wccn)
     if jax.process_index() != 0:
         return
     gallery.save(f.out)
     skipped = f"; skipped {len(files.skipped)} unreadable files" if files.skipped else ""
+    whitened = f", WCCN {f.wccn:g}" if f.wccn else ""
     print(f"enrolled {len(gallery.identities)} identities ({len(files)} images, keep="
-          f"{gallery.keep}, dim {gallery.dim}) with {recognizer!r} into {f.out}{skipped}")
+          f"{gallery.keep}, dim {gallery.dim}{whitened}) with {recognizer!r} into {f.out}"
+          f"{skipped}")
 
 
 def _identify_main(f) -> None:
@@ -108,5 +113,7 @@ if __name__ == "__main__":
     flags.DEFINE_integer("top-k", 1, "identify: candidates written per query.")
     flags.DEFINE_string("landmarks", None, "A CSV path,x1,y1,...,x5,y5 of five landmarks per "
                         "image (paths relative to --images): align each face by them.")
+    flags.DEFINE_float("wccn", 0.0, "enroll: whiten the gallery and the queries by WCCN fitted "
+                       "on the enrolled images, shrunk by this much toward the identity (0: off).")
     cli.strict_flag()
     cli.run(main)

@@ -28,7 +28,6 @@ from jfacerec.core import cli, storage
 from jfacerec.core.atomic import atomic_open
 from jfacerec.data import sources
 from jfacerec.data.records import ImageFileSource
-from jfacerec.inference import wccn
 from jfacerec.inference.gallery import from_embeddings
 
 
@@ -81,10 +80,7 @@ def open_set_split(config, workdir: str, split: int) -> dict[str, tuple[np.ndarr
     recognizer = load(run_dir)
     known = recognizer.embed_files(list(data.train.files.paths), desc="enroll")
     queries = recognizer.embed_files(list(data.test.files.paths) + list(data.unseen.files.paths))
-    if config.eval.wccn:
-        whitening = wccn.fit(known, data.train.files.labels, float(config.eval.wccn))
-        known, queries = wccn.apply(whitening, known), wccn.apply(whitening, queries)
-    gallery = from_embeddings(recognizer, data.train.files, known)
+    gallery = from_embeddings(recognizer, data.train.files, known, wccn=float(config.eval.wccn))
     known_names = list(data.train.files.names)
     truth = np.r_[data.test.labels(), np.full(len(data.unseen), -1)]
     matches = gallery.identify(queries, k=1, threshold=-np.inf)

@@ -4,6 +4,11 @@ A gallery file is a NumPy .npz (no pickle): identity names, unit-norm embeddings
 the model that made them, their dimension and a format version. A gallery is refused by a model
 with another fingerprint or dimension.
 
+Enrolled with `wccn` (a shrinkage), a gallery also holds the WCCN whitening (inference/wccn.py)
+fitted on its own enrolled images: its rows are whitened, and so is every query before the search.
+Such a file has format version 2, so that a reader of version 1 refuses it instead of matching
+unwhitened queries against whitened rows.
+
 The search runs on one device for a gallery of up to `SHARD_ABOVE` rows, and split by rows over
 every device of every process (`matcher.shard_gallery`) above it, with the same answers: the same
 scores, so one threshold means the same thing either way (a query scoring below it is UNKNOWN).
@@ -25,6 +30,9 @@ from jfacerec.core import parallel, storage
 from jfacerec.core.atomic import atomic_open
 from jfacerec.data.folders import ImageFiles, scan_flat_folder, scan_identity_folders
 from jfacerec.inference import matcher
+from jfacerec.inference.wccn import Wccn
+from jfacerec.inference.wccn import apply as whiten
+from jfacerec.inference.wccn import fit as fit_whitening
 
 # The label of a query that matches no enrolled identity (the HW2P2 course's convention).
 UNKNOWN = "n000000"
@@ -64,13 +72,16 @@ class Embedder(Protocol):
 
 
 FORMAT_VERSION = 1
+# the version of a gallery that holds a WCCN whitening (and the newest this module reads)
+WHITENED_FORMAT_VERSION = 2
 KEEP = ("mean", "all")
 
 
 @dataclasses.dataclass(frozen=True)
 class Gallery:
     """Enrolled identities. names: str [g] (one row per identity with keep="mean", per image with
-    keep="all"); embeddings: float32 [g, dim], unit norm."""
+    keep="all"); embeddings: float32 [g, dim], unit norm (whitened by `whitening` when there is
+    one, which `identify` then applies to the queries too)."""
 
     names: np.ndarray
     embeddings: np.ndarray
@@ -79,6 +90,7 @@ class Gallery:
     keep: str
     threshold: float | None = None
     workdir: str = ""
+    whitening: Wccn | None = None
 
     @property
     def dim(self) -> int:
@@ -90,11 +102,16 @@ class Gallery:
 
     def save(self, path: str) -> None:
         buffer = io.BytesIO()
-        np.savez(buffer, format_version=np.int64(FORMAT_VERSION), names=self.names.astype(str),
+        whitening = ({} if self.whitening is None else
+                     dict(wccn_mean=np.asarray(self.whitening.mean, np.float64),
+                          wccn_transform=np.asarray(self.whitening.transform, np.float64)))
+        version = FORMAT_VERSION if self.whitening is None else WHITENED_FORMAT_VERSION
+        np.savez(buffer, format_version=np.int64(version), names=self.names.astype(str),
                  embeddings=self.embeddings.astype(np.float32), dim=np.int64(self.dim),
                  fingerprint=np.str_(self.fingerprint), model=np.str_(self.model),
                  keep=np.str_(self.keep), workdir=np.str_(self.workdir),
-                 threshold=np.float64(np.nan if self.threshold is None else self.threshold))
+                 threshold=np.float64(np.nan if self.threshold is None else self.threshold),
+                 **whitening)
         with atomic_open(path, "wb") as f:
             f.write(buffer.getvalue())
 
@@ -108,9 +125,11 @@ class Gallery:
         if missing := required - set(data):
             raise ValueError(f"{path}: not a gallery file (missing {sorted(missing)}); make one "
                              f"with python -m jfacerec.gallery enroll")
-        if (version := _integer(data, "format_version", path)) != FORMAT_VERSION:
-            raise ValueError(f"{path} has gallery format version {version}; "
-                             f"this jfacerec reads version {FORMAT_VERSION}: enroll again")
+        version = _integer(data, "format_version", path)
+        if version not in (FORMAT_VERSION, WHITENED_FORMAT_VERSION):
+            raise ValueError(f"{path} has gallery format version {version}; this jfacerec reads "
+                             f"versions {FORMAT_VERSION} and {WHITENED_FORMAT_VERSION}: enroll "
+                             f"again")
         names, embeddings, dim = data["names"], data["embeddings"], _integer(data, "dim", path)
         if embeddings.ndim != 2 or embeddings.shape[1] != dim or names.shape != (len(embeddings),):
             raise ValueError(f"{path}: inconsistent shapes (names {names.shape}, embeddings "
@@ -121,10 +140,11 @@ class Gallery:
             raise ValueError(f"{path}: the gallery's embeddings are not all finite numbers (NaN "
                              f"or infinite); enroll again")
         threshold = float(data["threshold"]) if "threshold" in data else float("nan")
+        whitening = _whitening(data, path, dim) if version == WHITENED_FORMAT_VERSION else None
         return cls(names=names.astype(str), embeddings=embeddings.astype(np.float32),
                    fingerprint=str(data["fingerprint"]), model=str(data["model"]),
                    keep=str(data["keep"]), threshold=None if np.isnan(threshold) else threshold,
-                   workdir=str(data.get("workdir", "")))
+                   workdir=str(data.get("workdir", "")), whitening=whitening)
 
     def check_compatible(self, recognizer: Embedder) -> None:
         """Raises ValueError unless the gallery was enrolled by this very model."""
@@ -139,9 +159,17 @@ class Gallery:
                              f"{recognizer.step}): enroll the gallery again with this model")
 
     def resolve_threshold(self, given: float | None, fallback: float | None) -> float:
-        for threshold in (given, self.threshold, fallback):
+        """The given threshold, else the gallery's, else `fallback` (the model's calibrated
+        cosine threshold), which does not hold for whitened scores."""
+        for threshold in (given, self.threshold):
             if threshold is not None:
                 return float(threshold)
+        if self.whitening is not None:
+            raise ValueError("no threshold for unknown queries: the gallery is whitened by WCCN, "
+                             "so the model's calibrated cosine threshold does not apply; pass "
+                             "--threshold (threshold=) or enroll with one")
+        if fallback is not None:
+            return float(fallback)
         raise ValueError("no threshold for unknown queries: pass --threshold (threshold=), "
                          "enroll with one, or run python -m jfacerec.evaluate on the workdir")
 
@@ -161,6 +189,8 @@ class Gallery:
         """queries: unit-norm float32 [n, dim] -> the best k distinct identities of each.
 
         With several processes, every process passes the same queries and gets every match."""
+        if self.whitening is not None:
+            queries = whiten(self.whitening, queries)
         counts = np.unique(self.names, return_counts=True)[1]
         rows = min(len(self.names), k * int(counts.max()))  # enough rows for k distinct names
         scores, indices = matcher.top_k_cosine(queries, self.searched(), k=rows)
@@ -194,6 +224,22 @@ def _read_npz(path: str) -> dict[str, np.ndarray]:
         raise ValueError(not_a_gallery) from e
 
 
+def _whitening(data: dict[str, np.ndarray], path: str, dim: int) -> Wccn:
+    """The WCCN of a version-2 gallery file, its shapes and values checked."""
+    if missing := {"wccn_mean", "wccn_transform"} - set(data):
+        raise ValueError(f"{path}: a whitened gallery (format version {WHITENED_FORMAT_VERSION}) "
+                         f"without its whitening (missing {sorted(missing)}); enroll again")
+    mean, transform = data["wccn_mean"], data["wccn_transform"]
+    if mean.shape != (dim,) or transform.shape != (dim, dim):
+        raise ValueError(f"{path}: the whitening's shapes (mean {mean.shape}, transform "
+                         f"{transform.shape}) do not fit {dim}-dimensional embeddings; enroll "
+                         f"again")
+    if not all(np.issubdtype(a.dtype, np.floating) and np.isfinite(a).all()
+               for a in (mean, transform)):
+        raise ValueError(f"{path}: the whitening is not all finite numbers; enroll again")
+    return Wccn(mean.astype(np.float64), transform.astype(np.float64))
+
+
 def _integer(data: dict[str, np.ndarray], key: str, path: str) -> int:
     value = data[key]
     if value.shape != () or not np.issubdtype(value.dtype, np.integer):
@@ -203,23 +249,30 @@ def _integer(data: dict[str, np.ndarray], key: str, path: str) -> int:
 
 
 def enroll(recognizer: Embedder, files: ImageFiles, *, keep: str = "mean",
-           threshold: float | None = None, landmarks: np.ndarray | None = None) -> Gallery:
+           threshold: float | None = None, landmarks: np.ndarray | None = None,
+           wccn: float = 0.0) -> Gallery:
     """Embeds every image of an identity-folder scan (aligned by landmarks [n, 5, 2], one per
-    file, if given); keeps each identity's normalised mean embedding, or every embedding."""
+    file, if given); keeps each identity's normalised mean embedding, or every embedding. With
+    `wccn` (a shrinkage in (0, 1]; 0: off), whitened first by WCCN fitted on these images."""
     if keep not in KEEP:
         raise ValueError(f"keep must be one of {KEEP}, got {keep!r}")
     embeddings = recognizer.embed_files(list(files.paths), landmarks=landmarks, desc="enroll")
-    return from_embeddings(recognizer, files, embeddings, keep=keep, threshold=threshold)
+    return from_embeddings(recognizer, files, embeddings, keep=keep, threshold=threshold,
+                           wccn=wccn)
 
 
 def from_embeddings(recognizer: Embedder, files: ImageFiles, embeddings: np.ndarray, *,
-                    keep: str = "mean", threshold: float | None = None) -> Gallery:
-    """`enroll` of embeddings [len(files), dim] the caller made of `files` with `recognizer`
-    (transformed, say by WCCN: then queries need the same transform)."""
+                    keep: str = "mean", threshold: float | None = None,
+                    wccn: float = 0.0) -> Gallery:
+    """`enroll` of embeddings [len(files), dim] the caller made of `files` with `recognizer`."""
     if keep not in KEEP:
         raise ValueError(f"keep must be one of {KEEP}, got {keep!r}")
     if len(embeddings) != len(files.paths):
         raise ValueError(f"{len(embeddings)} embeddings for {len(files.paths)} files")
+    whitening = None
+    if wccn:
+        whitening = fit_whitening(embeddings, files.labels, wccn)
+        embeddings = whiten(whitening, embeddings)
     names = np.array(files.names)[files.labels]
     if keep == "mean":
         sums = np.zeros((len(files.names), embeddings.shape[1]), np.float64)
@@ -228,7 +281,8 @@ def from_embeddings(recognizer: Embedder, files: ImageFiles, embeddings: np.ndar
         names = np.array(files.names)
     return Gallery(names=names.astype(str), embeddings=embeddings,
                    fingerprint=recognizer.fingerprint, model=recognizer.config.model.name,
-                   keep=keep, threshold=threshold, workdir=storage.absolute(recognizer.workdir))
+                   keep=keep, threshold=threshold, workdir=storage.absolute(recognizer.workdir),
+                   whitening=whitening)
 
 
 def query_files(root: str, *, strict: bool) -> tuple[ImageFiles, list[str]]:
