@@ -361,6 +361,10 @@ def saved_gallery(path, **fields) -> str:
     ("version text", "format_version is a <U3 array"),
     ("version float", "format_version is a float64"),
     ("version list", "format_version is a int64 array of shape \\(2,\\)"),
+    ("version 3", "reads versions 1 and 2"),
+    ("whitening missing", "without its whitening"),
+    ("whitening of another size", "do not fit 4-dimensional"),
+    ("whitening nan", "whitening is not all finite"),
 ])
 def test_a_damaged_gallery_file_is_refused_with_one_line_saying_enroll_again(
         tmp_path, damage, says):
@@ -381,7 +385,14 @@ def test_a_damaged_gallery_file_is_refused_with_one_line_saying_enroll_again(
                   "inf": dict(embeddings=np.array([[np.inf, 0, 0, 0], [0, 1, 0, 0]], np.float32)),
                   "version text": dict(format_version=np.str_("one")),
                   "version float": dict(format_version=np.float64(1.0)),
-                  "version list": dict(format_version=np.array([1, 1]))}[damage]
+                  "version list": dict(format_version=np.array([1, 1])),
+                  "version 3": dict(format_version=np.int64(3)),
+                  "whitening missing": dict(format_version=np.int64(2)),
+                  "whitening of another size": dict(format_version=np.int64(2),
+                                                    wccn_mean=np.zeros(3),
+                                                    wccn_transform=np.eye(3)),
+                  "whitening nan": dict(format_version=np.int64(2), wccn_mean=np.zeros(4),
+                                        wccn_transform=np.full((4, 4), np.nan))}[damage]
         saved_gallery(path, **fields)
     with pytest.raises(ValueError, match=says) as raised:
         Gallery.load(str(path))
