@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from jfacerec.data.pipeline import (ERASE_AREA, Augment, eval_batches, random_crop_flip,
-                                    random_erase, train_dataset)
+                                    random_erase, random_rotate, train_dataset)
 from jfacerec.data.records import SyntheticSource
 
 
@@ -117,6 +117,36 @@ def test_random_erasing_hides_one_rectangle_of_the_drawn_size_as_often_as_asked(
         assert ERASE_AREA[0] * 0.5 <= box / mask.size <= ERASE_AREA[1] * 1.3
     out = random_crop_flip(image, np.random.default_rng(1), 40, Augment(flip=False, erase=1.0))
     assert (out != 128).any() and image.max() == 128
+
+def test_random_rotation_turns_the_face_by_the_drawn_angle_and_fills_corners_with_its_mean():
+    """A horizontal line through the centre comes out at the drawn angle (counter-clockwise, PIL's
+    sense), within the drawn range; the uncovered corners hold the image's mean colour, never
+    black; rotate 0 returns the image without drawing."""
+    image = np.full((41, 41, 3), 60, np.uint8)
+    image[20, 4:37] = 250
+    rng = np.random.default_rng(0)
+    assert random_rotate(image, rng, 0.0) is image
+    assert rng.bit_generator.state == np.random.default_rng(0).bit_generator.state
+    mean = np.round(image.reshape(-1, 3).mean(0))
+    angles = []
+    for seed in range(6):
+        out = random_rotate(image, np.random.default_rng(seed), 30.0)
+        drawn = np.random.default_rng(seed).uniform(-30.0, 30.0)
+        chex.assert_shape(out, image.shape)
+        chex.assert_type(out, np.uint8)
+        rows, cols = np.nonzero(out[..., 0] > 155)
+        slope = np.polyfit(cols - 20.0, 20.0 - rows, 1)[0]
+        np.testing.assert_allclose(np.degrees(np.arctan(slope)), drawn, atol=2.0)
+        if abs(drawn) > 5.0:
+            corners = out[[0, 0, -1, -1], [0, -1, 0, -1]]
+            np.testing.assert_allclose(corners, np.broadcast_to(mean, corners.shape), atol=1)
+        angles.append(drawn)
+    assert min(angles) < 0 < max(angles) and max(map(abs, angles)) <= 30.0
+    turned = random_crop_flip(image, np.random.default_rng(3), 41,
+                              Augment(flip=False, min_scale=1.0, max_aspect_change=0.0,
+                                      rotate=30.0))
+    np.testing.assert_array_equal(turned, random_rotate(image, np.random.default_rng(3), 30.0))
+
 
 def test_eval_batches_cover_everything_in_order(source):
     batches = list(eval_batches(source, batch_size=7, image_size=20))

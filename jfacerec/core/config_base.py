@@ -101,9 +101,10 @@ def base_config() -> ml_collections.ConfigDict:
     c.input = ml_collections.ConfigDict(dict(
         num_workers=0, num_threads=0, worker_threads=0, sampler="random", pk_images=4,
         # brightness, contrast, saturation: the largest relative change (0: off); erase: the
-        # probability of random erasing (data.pipeline.random_erase; 0: off)
+        # probability of random erasing (data.pipeline.random_erase; 0: off); rotate: the largest
+        # rotation in degrees (data.pipeline.random_rotate; 0: off)
         augment=dict(flip=True, min_scale=0.8, max_aspect_change=0.1, brightness=0.0,
-                     contrast=0.0, saturation=0.0, erase=0.0)))
+                     contrast=0.0, saturation=0.0, erase=0.0, rotate=0.0)))
     c.eval = ml_collections.ConfigDict(dict(
         batch_size=256, flip=True, num_pairs=3000, folds=10,
         # validation during training: every `every_steps` steps (0: never) on `sets`, comma-
