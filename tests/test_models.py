@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 
 from jfacerec.models import NORMS, get_model, registered_models
+from jfacerec.models.resnet import space_to_depth
 
 
 def init(model, size=16):
@@ -68,6 +69,40 @@ def test_resnet18_parameter_count_matches_torchvision_trunk():
     params = jax.eval_shape(lambda: init(model, 64))["params"]
     n = sum(np.prod(p.shape) for p in jax.tree.leaves(params))
     assert n == 11_176_512 + 512 * 128 + 128 + 128 * 10 + 10
+
+
+def test_space_to_depth_folds_each_block_of_pixels_into_channels_in_onnx_order():
+    x = jnp.arange(2 * 4 * 6 * 3, dtype=jnp.float32).reshape(2, 4, 6, 3)
+    y = space_to_depth(x, 2)
+    chex.assert_shape(y, (2, 2, 3, 12))
+    for i, j, dy, dx, k in [(0, 0, 0, 0, 0), (1, 2, 1, 0, 2), (0, 1, 1, 1, 1), (1, 0, 0, 1, 0)]:
+        np.testing.assert_array_equal(y[:, i, j, (dy * 2 + dx) * 3 + k], x[:, 2 * i + dy, 2 * j + dx, k])
+    with pytest.raises(ValueError, match="multiple of 2"):
+        space_to_depth(jnp.zeros((1, 5, 6, 3)), 2)
+
+
+def test_space_to_depth_stem_sees_twice_the_side_through_the_same_trunk():
+    """resnet_tiny_s2d at 2s px has resnet_tiny's parameters at s px but for the stem, whose
+    kernel reads the 2x2 blocks' 12 channels. With that kernel set to a quarter of resnet_tiny's
+    for each block position, it is resnet_tiny on the 2x2-averaged face: the same trunk, fed
+    from every pixel of the larger face."""
+    a = get_model("resnet_tiny", num_classes=5, norm="batch", pool="flatten", width_multiplier=0.25)
+    b = get_model("resnet_tiny_s2d", num_classes=5, norm="batch", pool="flatten",
+                  width_multiplier=0.25)
+    va, vb = init(a, 16), init(b, 32)
+    chex.assert_shape(vb["params"]["backbone"]["stem"]["kernel"], (3, 3, 12, 6))
+    trunk = lambda v: {k: p for k, p in v["params"]["backbone"].items() if k != "stem"}  # noqa: E731
+    chex.assert_trees_all_equal_shapes(trunk(va), trunk(vb))
+    kernel = va["params"]["backbone"]["stem"]["kernel"]
+    stem = {"kernel": jnp.concatenate([kernel / 4] * 4, axis=2)}
+    vs = {**va, "params": {**va["params"],
+                           "backbone": {**va["params"]["backbone"], "stem": stem}}}
+    x = jax.random.normal(jax.random.key(1), (2, 32, 32, 3))
+    pooled = x.reshape(2, 16, 2, 16, 2, 3).mean((2, 4))
+    np.testing.assert_allclose(b.apply(vs, x, return_feats=True),
+                               a.apply(va, pooled, return_feats=True), rtol=1e-4, atol=1e-5)
+    with pytest.raises(ValueError, match="multiple of 2"):
+        b.apply(vb, jnp.zeros((1, 31, 31, 3)))
 
 
 def test_unknown_names_are_refused():

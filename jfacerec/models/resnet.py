@@ -64,11 +64,26 @@ class BottleneckBlock(_Block):
         return nn.relu(self.shortcut(x, out, train) + y)
 
 
+def space_to_depth(x: jax.Array, block: int) -> jax.Array:
+    """[batch, h, w, c] -> [batch, h / block, w / block, block * block * c]; channel
+    (dy * block + dx) * c + k holds pixel (block * i + dy, block * j + dx) of channel k, ONNX's
+    SpaceToDepth order."""
+    b, h, w, c = x.shape
+    if h % block or w % block:
+        raise ValueError(f"space_to_depth needs a side divisible by {block}; got {h}x{w} "
+                         f"(set image_size to a multiple of {block})")
+    x = x.reshape(b, h // block, block, w // block, block, c).transpose(0, 1, 3, 2, 4, 5)
+    return x.reshape(b, h // block, w // block, block * block * c)
+
+
 class ResNet(nn.Module):
     """A ResNet trunk: stem, then stages of blocks, the first block of each later stage strided.
 
     stem "small": one 3x3 conv of stride `stem_strides` (small face crops, CIFAR-style).
     stem "imagenet": 7x7 stride-2 conv and a 3x3 stride-2 max-pool (224x224 inputs).
+    stem "space_to_depth": each 2x2 block of pixels folded into channels (`space_to_depth`), then
+    the "small" stem: twice the face's side for the cost of the original size, since every layer
+    after the stem sees the same map.
 
     Input [batch, height, width, 3]; output [batch, height / 2**k, width / 2**k, channels].
     """
@@ -97,13 +112,16 @@ class ResNet(nn.Module):
             x = nn.relu(Norm(self.norm, self.norm_groups, dtype=self.dtype,
                              name="stem_norm")(x, train=train))
             x = nn.max_pool(x, (3, 3), (2, 2), padding="SAME")
-        elif self.stem == "small":
+        elif self.stem in ("small", "space_to_depth"):
+            if self.stem == "space_to_depth":
+                x = space_to_depth(x, 2)
             x = conv2d(self.widths[0], (3, 3), (self.stem_strides,) * 2, padding="SAME",
                        use_bias=False, dtype=self.dtype, name="stem")(x)
             x = nn.relu(Norm(self.norm, self.norm_groups, dtype=self.dtype,
                              name="stem_norm")(x, train=train))
         else:
-            raise ValueError(f"unknown stem {self.stem!r}; choose 'small' or 'imagenet'")
+            raise ValueError(f"unknown stem {self.stem!r}; choose 'small', 'space_to_depth' or "
+                             "'imagenet'")
         for i, (size, width) in enumerate(zip(self.stage_sizes, self.widths)):
             for j in range(size):
                 x = block_cls(width, strides=2 if i > 0 and j == 0 else 1, norm=self.norm,

@@ -20,7 +20,7 @@ from jfacerec.core import cli
 from jfacerec.models import FaceModel, get_model, registered_models
 
 # Native input sizes: face backbones take 112x112 crops, ImageNet-style ones 224x224.
-NATIVE_SIZE = {"resnet_tiny": 32, "resnet18": 224, "resnet34": 224, "resnet50": 224,
+NATIVE_SIZE = {"resnet_tiny": 32, "resnet_tiny_s2d": 64, "resnet18": 224, "resnet34": 224, "resnet50": 224,
                "mobilenetv2": 224, "convnext_tiny": 224, "convnext_nano": 224}
 
 
