@@ -41,11 +41,13 @@ def _random_variables(abstract, seed):
         lambda path, leaf: np.asarray(draw(path, leaf), leaf.dtype), abstract)
 
 
-def _workdir(path, spec, pool="mean", embedding_norm=""):
-    """A workdir of configs/`spec` (its embedding head's `pool` and `embedding_norm`) with random
-    weights and statistics, saved as step 1."""
+def _workdir(path, spec, pool="mean", embedding_norm="", model=""):
+    """A workdir of configs/`spec` (its embedding head's `pool` and `embedding_norm`, and `model`
+    for its model when given) with random weights and statistics, saved as step 1."""
     config = load_config(spec)
     config.model.update(pool=pool, embedding_norm=embedding_norm)
+    if model:
+        config.model.name = model
     config.num_devices = 1
     config.eval.flip = False
     model = models.from_config(config, NUM_CLASSES)
@@ -66,11 +68,12 @@ def _workdir(path, spec, pool="mean", embedding_norm=""):
 # name: (config, the embedding head's pool and embedding_norm). resnet_tiny is the base config's
 # model (32 px, GroupNorm; the demo's smoke test) and goes through the command; the two 112-pixel
 # BatchNorm face models, and resnet_tiny with the flatten pool (2 x 2 positions) and a BatchNorm on
-# its embedding, through the library.
+# its embedding, and resnet_tiny_s2d (its space-to-depth stem) through the library.
 MODELS = {"iresnet18": ("zoo.py:iresnet18", "mean", ""),
           "mobilefacenet": ("zoo.py:mobilefacenet", "mean", ""),
           "resnet_tiny": ("demo.py:runlocal", "mean", ""),
-          "resnet_tiny_flatten_bn": ("demo.py:runlocal", "flatten", "batch")}
+          "resnet_tiny_flatten_bn": ("demo.py:runlocal", "flatten", "batch"),
+          "resnet_tiny_s2d": ("demo.py:runlocal", "flatten", "", "resnet_tiny_s2d")}
 
 
 @pytest.fixture(scope="module", params=sorted(MODELS))

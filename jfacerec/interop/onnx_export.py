@@ -281,6 +281,13 @@ def max_pool(g: _Graph, x: _Tensor, window: int, strides: int, padding: str,
                                                     (strides, strides), pads)))
 
 
+def space_to_depth(g: _Graph, x: _Tensor, block: int, path: str) -> _Tensor:
+    """models/resnet.space_to_depth: ONNX SpaceToDepth, whose channel order is the same."""
+    c, h, w = x.shape
+    name = g.op("SpaceToDepth", [x.name], f"{path}/space_to_depth", blocksize=block)
+    return _Tensor(name, (c * block * block, h // block, w // block))
+
+
 # -- Backbones: each mirrors its flax module's __call__ at eval (dropout and DropBlock are off) ----
 
 
@@ -375,6 +382,8 @@ def resnet(g: _Graph, s: _Scope, m: ResNet, x: _Tensor) -> _Tensor:
         x = relu(g, nrm(s["stem_norm"], conv(g, s["stem"], x, 2, ((3, 3), (3, 3)))), s.path)
         x = max_pool(g, x, 3, 2, "SAME", s.path)
     else:
+        if m.stem == "space_to_depth":
+            x = space_to_depth(g, x, 2, s.path)
         x = relu(g, nrm(s["stem_norm"], conv(g, s["stem"], x, m.stem_strides, "SAME")), s.path)
     for i, (size, width) in enumerate(zip(m.stage_sizes, m.widths)):
         for j in range(size):
