@@ -64,3 +64,37 @@ def test_the_open_set_is_matched_after_wccn_fitted_on_the_enrolled_faces(tmp_pat
     assert np.sum(truth == -1) == len(data.unseen)
     plain, _ = nearest_template(known, queries)
     assert np.abs(scores - plain).max() > 1e-2
+
+
+@needs_orl
+def test_closed_set_on_held_out_training_images_answers_by_head_and_by_templates(tmp_path):
+    import copy
+
+    import numpy as np
+
+    from jfacerec.data import sources
+    from jfacerec.evaluation import orl
+    from jfacerec.inference.recognizer import load
+
+    config = load_config("orl.py:runlocal")
+    config.update(total_steps=4, checkpoint_every_steps=4, num_devices=1)
+    config.dataset.update(root=os.path.join(DATA, "att_faces"), validation_images=1)
+    results = orl.run(config, str(tmp_path / "w"), splits=1, open_set=False)
+    assert results["validation_images"] == 1 and "open_set_threshold" not in results
+    assert "open_set_mean" not in results["cnn"]
+    split = copy.deepcopy(config)
+    split.dataset.known_identities = 40
+    data = sources.get_dataset(split)
+    assert len(data.test) == 40  # one held-out training image per subject
+    model = load(str(tmp_path / "w" / "closed_00"))
+    known = model.embed_files(list(data.train.files.paths))
+    tests = model.embed_files(list(data.test.files.paths))
+    sums = np.zeros((40, known.shape[1]))
+    np.add.at(sums, data.train.files.labels, known)
+    nearest = np.argmax(tests @ (sums / np.linalg.norm(sums, axis=1, keepdims=True)).T, axis=1)
+    expected = np.mean(np.array(data.train.files.names)[nearest]
+                       == np.array(data.test.files.names)[data.test.labels()])
+    assert results["cnn_templates"]["closed_set_accuracy"] == [expected]
+    heads = model.classify_files(list(data.test.files.paths))
+    assert results["cnn"]["closed_set_accuracy"] == [
+        np.mean(np.array(heads) == np.array(data.test.files.names)[data.test.labels()])]

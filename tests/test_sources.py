@@ -245,3 +245,22 @@ def test_orl_splits_are_disjoint_and_seeded():
     image = data.train[0]["image"]
     chex.assert_shape(image, (16, 16, 3))
     np.testing.assert_array_equal(image[..., 0], image[..., 2])  # grey PGM -> RGB
+
+
+@needs_orl
+def test_orl_validation_images_are_held_out_of_the_training_images_only():
+    config = tiny_config()
+    config.dataset.update(name="orl", root=ORL, split=3, known_identities=40, train_images=5)
+    outer = sources.get_dataset(config)
+    config.dataset.validation_images = 2
+    inner = sources.get_dataset(config)
+    assert len(inner.train) == 40 * 3 and len(inner.test) == 40 * 2
+    assert np.all(np.bincount(inner.test.labels()) == 2)
+    # the split's training images, divided; none of its test images
+    assert (sorted(inner.train.files.paths + inner.test.files.paths)
+            == sorted(outer.train.files.paths))
+    assert inner.names == outer.names
+    assert sources.get_dataset(config).test.files.paths == inner.test.files.paths
+    config.dataset.validation_images = 5
+    with pytest.raises(ValueError, match=r"validation_images=5 must be in \[1, train_images\)"):
+        sources.get_dataset(config)

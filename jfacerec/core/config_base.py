@@ -137,8 +137,10 @@ def dataset(**keys: Any) -> ml_collections.ConfigDict:
         check=True, strict=False,  # decode every file once when scanning; unreadable: error
         # lfw: the people of fold `fold` of the pairs file `pairs` (-1: every fold) are left out
         pairs="", fold=-1,
-        # orl: the seed of the random split, the known subjects (0: all), the open-set ones
-        split=0, known_identities=0, open_set_known=30,
+        # orl: the seed of the random split, the known subjects (0: all), the open-set ones;
+        # validation_images > 0 holds that many of each subject's training images out and tests
+        # on them instead of the split's test images (choosing settings without those)
+        split=0, known_identities=0, open_set_known=30, validation_images=0,
         # folder: a CSV `path,x1,y1,...,x5,y5` of five landmarks per image to align by ("": none)
         landmarks="",
         # tfds: a prepared TFDS dataset ("" data_dir: TFDS's default)

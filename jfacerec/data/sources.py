@@ -236,7 +236,10 @@ def lfw_dataset(d: ml_collections.ConfigDict, image_size: int) -> FaceDataset:
 def orl_dataset(d: ml_collections.ConfigDict, image_size: int) -> FaceDataset:
     """AT&T/ORL (s1..s40, 10 images each): `train_images` random images of each of the first
     `known_identities` subjects (0: all of them; in a random order drawn from `split`) train,
-    their other images test; the remaining subjects are the unseen (open-set unknown) ones."""
+    their other images test; the remaining subjects are the unseen (open-set unknown) ones.
+    With `validation_images`, that many of each subject's training images are the test images
+    instead and the split's own test images are left out, so that settings can be chosen
+    without them."""
     files = _scan(d, d.root)
     rng = np.random.default_rng(d.split)
     order = rng.permutation(len(files.names))
@@ -246,6 +249,13 @@ def orl_dataset(d: ml_collections.ConfigDict, image_size: int) -> FaceDataset:
     per_identity = int(np.bincount(files.labels).max())
     kept, held = split_per_identity(files.labels[known_idx],
                                     per_identity - d.train_images, rng)
+    if d.validation_images:
+        if not 0 < d.validation_images < d.train_images:
+            raise ValueError(f"dataset.validation_images={d.validation_images} must be in [1, "
+                             f"train_images) (train_images={d.train_images}), or 0 for off")
+        inner_kept, inner_held = split_per_identity(files.labels[known_idx[kept]],
+                                                    d.validation_images, rng)
+        kept, held = kept[inner_kept], kept[inner_held]
     make = lambda idx: ImageFileSource(files.subset(idx, relabel=True),  # noqa: E731
                                        **_decoding(d, image_size))
     unknown_idx = np.flatnonzero(~in_known)
@@ -294,7 +304,8 @@ _DATASETS: dict[str, Source] = {
     "hw2p2": Source(hw2p2_dataset, ("root",) + _SCANNED, required=("root",)),
     "lfw": Source(lfw_dataset, ("root", "pairs", "fold", "min_images", "test_images") + _SCANNED,
                   required=("root",)),
-    "orl": Source(orl_dataset, ("root", "split", "known_identities", "train_images") + _SCANNED,
+    "orl": Source(orl_dataset, ("root", "split", "known_identities", "train_images",
+                                "validation_images") + _SCANNED,
                   required=("root",)),
     "tfds": Source(tfds_dataset, ("tfds_name", "data_dir", "tfds_split", "tfds_unseen_split",
                                   "image_key", "label_key", "test_images") + _DECODED,
