@@ -28,12 +28,13 @@ from absl import flags
 
 from jfacerec import metrics
 from jfacerec.evaluation import protocols
-from jfacerec.inference.recognizer import load
+from jfacerec.inference.recognizer import FaceRecognizer, load
 from jfacerec.core import cli, storage
 from jfacerec.core.atomic import atomic_open
 from jfacerec.data import sources
 from jfacerec.data.records import ImageFileSource
-from jfacerec.inference.gallery import from_embeddings
+from jfacerec.data.folders import ImageFiles
+from jfacerec.inference.gallery import Match, from_embeddings
 
 
 def grey_pixels(source: ImageFileSource) -> np.ndarray:
@@ -56,6 +57,15 @@ def nearest(gallery: np.ndarray, queries: np.ndarray) -> tuple[np.ndarray, np.nd
     return best, -d[np.arange(len(queries)), best]
 
 
+def nearest_templates(recognizer: FaceRecognizer, enrolled: ImageFiles, queries: list[str],
+                      wccn: float) -> list[Match]:
+    """The best match of each query image file among the enrolled subjects' mean embeddings
+    (after WCCN fitted on the enrolled faces when `wccn` > 0), with no unknown threshold."""
+    known = recognizer.embed_files(list(enrolled.paths), desc="enroll")
+    gallery = from_embeddings(recognizer, enrolled, known, wccn=wccn)
+    return gallery.identify(recognizer.embed_files(queries), k=1, threshold=-np.inf)
+
+
 def closed_set_split(config, workdir: str, split: int) -> dict[str, float]:
     from jfacerec.training import train
 
@@ -67,11 +77,9 @@ def closed_set_split(config, workdir: str, split: int) -> dict[str, float]:
     test_names = [data.test.files.names[label] for label in data.test.labels()]
     recognizer = load(run_dir)
     predicted = recognizer.classify_files(list(data.test.files.paths))
-    # the same model answering as the open set does: each subject's mean training embedding
-    known = recognizer.embed_files(list(data.train.files.paths), desc="enroll")
-    gallery = from_embeddings(recognizer, data.train.files, known, wccn=float(config.eval.wccn))
-    matches = gallery.identify(recognizer.embed_files(list(data.test.files.paths)), k=1,
-                               threshold=-np.inf)
+    # the same model answering as the open set does
+    matches = nearest_templates(recognizer, data.train.files, list(data.test.files.paths),
+                                float(config.eval.wccn))
     train_x, test_x = grey_pixels(data.train), grey_pixels(data.test)
     mean, basis = eigenfaces(train_x, config.eigenfaces.components)
     best, _ = nearest((train_x - mean) @ basis, (test_x - mean) @ basis)
@@ -89,13 +97,11 @@ def open_set_split(config, workdir: str, split: int) -> dict[str, tuple[np.ndarr
     data = sources.get_dataset(c)
     run_dir = storage.join(workdir, f"open_{split:02d}")
     train(c, run_dir)
-    recognizer = load(run_dir)
-    known = recognizer.embed_files(list(data.train.files.paths), desc="enroll")
-    queries = recognizer.embed_files(list(data.test.files.paths) + list(data.unseen.files.paths))
-    gallery = from_embeddings(recognizer, data.train.files, known, wccn=float(config.eval.wccn))
+    matches = nearest_templates(load(run_dir), data.train.files,
+                                list(data.test.files.paths) + list(data.unseen.files.paths),
+                                float(config.eval.wccn))
     known_names = list(data.train.files.names)
     truth = np.r_[data.test.labels(), np.full(len(data.unseen), -1)]
-    matches = gallery.identify(queries, k=1, threshold=-np.inf)
     cnn = (np.array([m.score for m in matches]),
            np.array([known_names.index(m.name) for m in matches]), truth)
     train_x = grey_pixels(data.train)
